@@ -1,0 +1,139 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Job(_message.Message):
+    __slots__ = ("id", "command", "args", "maxCPU", "maxMemory", "maxIOBPS", "status", "startTime", "endTime", "exitCode")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    MAXCPU_FIELD_NUMBER: _ClassVar[int]
+    MAXMEMORY_FIELD_NUMBER: _ClassVar[int]
+    MAXIOBPS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    STARTTIME_FIELD_NUMBER: _ClassVar[int]
+    ENDTIME_FIELD_NUMBER: _ClassVar[int]
+    EXITCODE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    command: str
+    args: _containers.RepeatedScalarFieldContainer[str]
+    maxCPU: int
+    maxMemory: int
+    maxIOBPS: int
+    status: str
+    startTime: str
+    endTime: str
+    exitCode: int
+    def __init__(self, id: _Optional[str] = ..., command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., maxCPU: _Optional[int] = ..., maxMemory: _Optional[int] = ..., maxIOBPS: _Optional[int] = ..., status: _Optional[str] = ..., startTime: _Optional[str] = ..., endTime: _Optional[str] = ..., exitCode: _Optional[int] = ...) -> None: ...
+
+class CreateJobReq(_message.Message):
+    __slots__ = ("command", "args", "maxCPU", "maxMemory", "maxIOBPS")
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    MAXCPU_FIELD_NUMBER: _ClassVar[int]
+    MAXMEMORY_FIELD_NUMBER: _ClassVar[int]
+    MAXIOBPS_FIELD_NUMBER: _ClassVar[int]
+    command: str
+    args: _containers.RepeatedScalarFieldContainer[str]
+    maxCPU: int
+    maxMemory: int
+    maxIOBPS: int
+    def __init__(self, command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., maxCPU: _Optional[int] = ..., maxMemory: _Optional[int] = ..., maxIOBPS: _Optional[int] = ...) -> None: ...
+
+class CreateJobRes(_message.Message):
+    __slots__ = ("id", "command", "args", "maxCPU", "maxMemory", "maxIOBPS", "status", "startTime", "endTime", "exitCode")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    MAXCPU_FIELD_NUMBER: _ClassVar[int]
+    MAXMEMORY_FIELD_NUMBER: _ClassVar[int]
+    MAXIOBPS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    STARTTIME_FIELD_NUMBER: _ClassVar[int]
+    ENDTIME_FIELD_NUMBER: _ClassVar[int]
+    EXITCODE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    command: str
+    args: _containers.RepeatedScalarFieldContainer[str]
+    maxCPU: int
+    maxMemory: int
+    maxIOBPS: int
+    status: str
+    startTime: str
+    endTime: str
+    exitCode: int
+    def __init__(self, id: _Optional[str] = ..., command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., maxCPU: _Optional[int] = ..., maxMemory: _Optional[int] = ..., maxIOBPS: _Optional[int] = ..., status: _Optional[str] = ..., startTime: _Optional[str] = ..., endTime: _Optional[str] = ..., exitCode: _Optional[int] = ...) -> None: ...
+
+class GetJobReq(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class GetJobRes(_message.Message):
+    __slots__ = ("id", "command", "args", "maxCPU", "maxMemory", "maxIOBPS", "status", "startTime", "endTime", "exitCode")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    MAXCPU_FIELD_NUMBER: _ClassVar[int]
+    MAXMEMORY_FIELD_NUMBER: _ClassVar[int]
+    MAXIOBPS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    STARTTIME_FIELD_NUMBER: _ClassVar[int]
+    ENDTIME_FIELD_NUMBER: _ClassVar[int]
+    EXITCODE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    command: str
+    args: _containers.RepeatedScalarFieldContainer[str]
+    maxCPU: int
+    maxMemory: int
+    maxIOBPS: int
+    status: str
+    startTime: str
+    endTime: str
+    exitCode: int
+    def __init__(self, id: _Optional[str] = ..., command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., maxCPU: _Optional[int] = ..., maxMemory: _Optional[int] = ..., maxIOBPS: _Optional[int] = ..., status: _Optional[str] = ..., startTime: _Optional[str] = ..., endTime: _Optional[str] = ..., exitCode: _Optional[int] = ...) -> None: ...
+
+class StopJobReq(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class StopJobRes(_message.Message):
+    __slots__ = ("id", "status", "endTime", "exitCode")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    ENDTIME_FIELD_NUMBER: _ClassVar[int]
+    EXITCODE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    status: str
+    endTime: str
+    exitCode: int
+    def __init__(self, id: _Optional[str] = ..., status: _Optional[str] = ..., endTime: _Optional[str] = ..., exitCode: _Optional[int] = ...) -> None: ...
+
+class EmptyRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Jobs(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[Job]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ...) -> None: ...
+
+class GetJobsStreamReq(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class DataChunk(_message.Message):
+    __slots__ = ("payload",)
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    payload: bytes
+    def __init__(self, payload: _Optional[bytes] = ...) -> None: ...

@@ -1,0 +1,105 @@
+"""The seam between the engine and resource control.
+
+The engine asks a ResourceController for one JobCgroup per job, wraps the
+job's argv with it (so the process joins its cgroup before exec), tells it
+the pid once spawned, watches it for OOM, and kills through it. Drivers:
+``v1`` and ``v2`` (real cgroups) and ``null`` (no cgroups: process-group
+kill, nothing enforced).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+# The spec's defaults for a limit left at 0 ("Resource Limits").
+DEFAULT_CPU_PERCENT = 100  # 100% of one core
+DEFAULT_MEMORY_MB = 512
+DEFAULT_IO_BPS = 0  # unlimited
+DEFAULT_PIDS_MAX = 4096  # against fork bombs; configurable on the server
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits with defaults applied (what the job actually runs under)."""
+
+    cpu_percent: int = DEFAULT_CPU_PERCENT  # percent of one core
+    memory_mb: int = DEFAULT_MEMORY_MB
+    io_bps: int = DEFAULT_IO_BPS  # bytes/s for read and for write; 0 = unlimited
+    pids_max: int = DEFAULT_PIDS_MAX
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Resources a job used, read from its cgroup at the end (None where not measured)."""
+
+    cpu_time_s: float | None = None
+    peak_memory_bytes: int | None = None
+    oom_kills: int = 0
+
+
+class JobCgroup(Protocol):
+    """The control group(s) of one job, in every hierarchy the driver uses."""
+
+    def wrap_argv(self, argv: Sequence[str]) -> list[str]:
+        """Return the argv to spawn so that the process joins the job's cgroup *before* it
+        execs ``argv`` (a tiny shell shim); anything it forks starts inside the limits."""
+        ...
+
+    def attach(self, pid: int) -> None:
+        """Called once the job's main process is spawned (its pid is also its pgid)."""
+        ...
+
+    def oom_kills(self) -> int:
+        """The kernel's OOM-kill counter for this job's cgroup (0 when not measurable)."""
+        ...
+
+    async def wait_oom(self) -> None:
+        """Return once the OOM-kill counter has risen above 0. Cancellable; must not burn CPU
+        (event-driven, or a slow poll of a counter file)."""
+        ...
+
+    def is_empty(self) -> bool:
+        """True when no process of the job is left alive (zombies being reaped count as gone)."""
+        ...
+
+    async def kill(self, grace: float) -> None:
+        """End every process of the job. With grace > 0: SIGTERM to all, wait until they are
+        gone or ``grace`` seconds passed (returns early when empty), then SIGKILL whatever is
+        left so that nothing can fork away (freezer / cgroup.kill), until empty. grace == 0:
+        straight to SIGKILL. Never raises for processes that are already gone. Called from
+        shielded cleanup; must finish in bounded time."""
+        ...
+
+    def usage(self) -> Usage:
+        """CPU time, peak memory and OOM kills so far (read before remove())."""
+        ...
+
+    async def remove(self) -> None:
+        """Remove the job's cgroups (retrying while the kernel says EBUSY, bounded).
+        Idempotent. Logs, never raises, if a directory cannot be removed in time."""
+        ...
+
+
+class ResourceController(Protocol):
+    """Creates job cgroups under the server's own cgroup(s)."""
+
+    @property
+    def enforced(self) -> bool:
+        """True when limits are really applied (False for the null driver)."""
+        ...
+
+    @property
+    def description(self) -> str:
+        """One line for the startup log: driver and where job cgroups live."""
+        ...
+
+    def create(self, job_id: str, limits: Limits) -> JobCgroup:
+        """Make the job's cgroup(s) and write its limits. If the kernel refuses a limit, remove
+        what was made and raise LimitRefused naming the limit."""
+        ...
+
+    async def sweep(self) -> list[str]:
+        """Kill and remove job cgroups left by a previous server; return their job ids."""
+        ...

@@ -1,0 +1,77 @@
+"""The one error tree of jobworker.
+
+Every error a client may see is a JobWorkerError whose message is written for
+people, in the spec's wording where the spec has one. The server maps each
+class to a gRPC status code in one table (jobworker.server.errors); anything
+else that escapes a handler is reported as INTERNAL with a short message.
+"""
+
+from __future__ import annotations
+
+
+class JobWorkerError(Exception):
+    """Base of every error jobworker reports to a caller. str(err) is the client message."""
+
+
+class JobNotFound(JobWorkerError):
+    """Raised for an id that names no job: ``job not found: <id>``."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"job not found: {job_id}")
+        self.job_id = job_id
+
+
+class JobNotRunning(JobWorkerError):
+    """Raised when stopping a job that has already ended (or never ran).
+
+    Message: ``job is not running: <id> (current status: <STATUS>)``.
+    """
+
+    def __init__(self, job_id: str, status: str) -> None:
+        super().__init__(f"job is not running: {job_id} (current status: {status})")
+        self.job_id = job_id
+        self.status = status
+
+
+class InvalidJobSpec(JobWorkerError):
+    """Raised before anything starts when a job spec is malformed or a limit cannot be applied."""
+
+
+class CommandNotFound(InvalidJobSpec):
+    """Raised when the command is not found: ``command not found in PATH: <command>``."""
+
+    def __init__(self, command: str) -> None:
+        super().__init__(f"command not found in PATH: {command}")
+        self.command = command
+
+
+class CommandNotExecutable(InvalidJobSpec):
+    """Raised when the command exists but cannot be executed (a directory, no x bit)."""
+
+    def __init__(self, command: str, why: str) -> None:
+        super().__init__(f"command is not executable: {command} ({why})")
+        self.command = command
+
+
+class LimitRefused(InvalidJobSpec):
+    """Raised when the kernel refuses a resource limit; the job is not started."""
+
+
+class JobStartFailed(JobWorkerError):
+    """Raised when the process could not be started for a reason outside the spec (server side)."""
+
+
+class PermissionDenied(JobWorkerError):
+    """Raised when the caller's role does not allow the operation.
+
+    Message: ``role <role> is not allowed to perform operation <op>``.
+    """
+
+    def __init__(self, role: str, operation: str) -> None:
+        super().__init__(f"role {role} is not allowed to perform operation {operation}")
+        self.role = role
+        self.operation = operation
+
+
+class Unauthenticated(JobWorkerError):
+    """Raised when a call carries no verified client identity."""

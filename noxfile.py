@@ -1,0 +1,76 @@
+"""Developer sessions: serve, cli, tests, lint, typecheck, protos (and bench).
+
+python3 -m nox -s serve            # dev certs if missing, server on 127.0.0.1:50051
+python3 -m nox -s cli -- list      # the CLI with the dev admin certificate
+python3 -m nox -s tests            # the whole test suite (root for the cgroup tests)
+python3 -m nox -s lint typecheck
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+nox.options.default_venv_backend = "venv"
+nox.options.sessions = ["lint", "typecheck", "tests"]
+
+
+def _dev_install(session: nox.Session) -> None:
+    session.install("-e", ".[dev]")
+
+
+@nox.session(reuse_venv=True)
+def serve(session: nox.Session) -> None:
+    """Run jobworker-server in the foreground on 127.0.0.1:50051 (Ctrl+C stops it cleanly)."""
+    session.install("-e", ".")
+    certs = ROOT / "certs"
+    if not (certs / "server-cert.pem").exists():
+        session.run("python", "scripts/gen-certs", str(certs))
+    session.run(
+        "jobworker-server",
+        "--listen",
+        "127.0.0.1:50051",
+        "--certs-dir",
+        str(certs),
+        "--data-dir",
+        str(ROOT / "var"),
+        *session.posargs,
+    )
+
+
+@nox.session(reuse_venv=True)
+def cli(session: nox.Session) -> None:
+    """Run the jobworker CLI with the arguments after `--` (dev certs from certs/)."""
+    session.install("-e", ".")
+    session.run("jobworker", *session.posargs)
+
+
+@nox.session(reuse_venv=True)
+def tests(session: nox.Session) -> None:
+    """The whole test suite. As root on a cgroup host, the cgroup tests run too."""
+    _dev_install(session)
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(reuse_venv=True)
+def lint(session: nox.Session) -> None:
+    """ruff check and ruff format --check."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(reuse_venv=True)
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict over the package."""
+    _dev_install(session)
+    session.run("mypy")
+
+
+@nox.session(reuse_venv=True)
+def protos(session: nox.Session) -> None:
+    """Regenerate jobworker/api/ from protos/worker.proto."""
+    _dev_install(session)
+    session.run("python", "scripts/gen_protos.py")
