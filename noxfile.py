@@ -74,3 +74,10 @@ def protos(session: nox.Session) -> None:
     """Regenerate jobworker/api/ from protos/worker.proto."""
     _dev_install(session)
     session.run("python", "scripts/gen_protos.py")
+
+
+@nox.session(reuse_venv=True)
+def bench(session: nox.Session) -> None:
+    """Benchmarks against the physical floor and a grpc.aio reference (see docs/benchmarks.md)."""
+    _dev_install(session)
+    session.run("python", "scripts/bench.py", *session.posargs)
