@@ -1,0 +1,39 @@
+"""The job engine: a plain Trio library that runs, stops, records and streams jobs.
+
+No gRPC, TLS or protobuf here; the server converts at its edge.
+"""
+
+from __future__ import annotations
+
+from jobworker.engine.job import SHUTDOWN_REASON, STOP_GRACE_S, STOPPED_REASON
+from jobworker.engine.manager import JobManager, open_job_manager
+from jobworker.engine.model import (
+    JobRecord,
+    JobSpec,
+    JobStatus,
+    Limits,
+    Usage,
+    rfc3339,
+    utc_now,
+)
+from jobworker.engine.output import OutputReader
+from jobworker.engine.reaping import Reaper
+from jobworker.engine.store import LOST_REASON
+
+__all__ = [
+    "LOST_REASON",
+    "SHUTDOWN_REASON",
+    "STOPPED_REASON",
+    "STOP_GRACE_S",
+    "JobManager",
+    "JobRecord",
+    "JobSpec",
+    "JobStatus",
+    "Limits",
+    "OutputReader",
+    "Reaper",
+    "Usage",
+    "open_job_manager",
+    "rfc3339",
+    "utc_now",
+]

@@ -1,0 +1,223 @@
+"""One job's output: an append-only log file, its length, and lossless fan-out to readers.
+
+Every byte the job writes has an offset. The pump appends a chunk to the file
+(``os.write`` on an ``O_APPEND`` fd: no userspace buffer), *then* raises the
+length and offers ``(start_offset, chunk)`` to each live reader with
+``send_nowait``. A reader whose bounded channel is full is dropped from the
+live set on the spot; it keeps what it had buffered, then reads the file from
+its own offset, and subscribes again once it has caught up with the length.
+Because a reader subscribes only when its offset equals the length (checked
+and done without a checkpoint in between), every live chunk it receives
+starts at or before its offset: overlap is discarded, a gap cannot occur.
+
+Memory per reader is bounded by LIVE_WINDOW_CHUNKS pump chunks plus one file
+read of at most ``max_chunk`` bytes, whatever the size of the output.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+
+__all__ = ["LIVE_WINDOW_CHUNKS", "OutputLog", "OutputReader"]
+
+log = logging.getLogger("jobworker.engine")
+
+# Chunks a live reader may have queued before it is dropped to the file path: 16 x 64 KiB
+# = 1 MiB per reader at most, enough to absorb scheduling jitter of a healthy reader.
+LIVE_WINDOW_CHUNKS = 16
+
+Chunk = tuple[int, bytes]  # (offset of its first byte, data)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class OutputLog:
+    """The output file of one job, its current length, and the readers following it live.
+
+    Created open for appending for a live job (``open_append``), or already ended for a
+    job loaded from disk. ``finish()`` marks the final length: readers end once they have
+    delivered it.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        length: int = 0,
+        ended: bool = False,
+        live_window: int = LIVE_WINDOW_CHUNKS,
+    ) -> None:
+        self.path = path
+        self._live_window = live_window
+        self.length = length
+        self.ended = ended
+        self._fd: int | None = None
+        self._write_failed = False
+        self._live: dict[OutputReader, trio.MemorySendChannel[Chunk]] = {}
+
+    def open_append(self) -> None:
+        """Create the file and open it for appending (blocking: call from a thread)."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+        self._fd = os.open(self.path, flags, 0o600)
+
+    async def append(self, data: bytes) -> None:
+        """Write ``data`` at the end of the file, then publish it. Never waits for a reader.
+
+        The write runs in a thread and is not abandoned on cancellation, so the length
+        always matches what the file holds.
+        """
+        if self._fd is None or self._write_failed:
+            return
+        try:
+            await trio.to_thread.run_sync(_write_all, self._fd, data)
+        except OSError:
+            # The job must not block on its pipe because our disk is full: keep draining,
+            # stop recording, say so once.
+            self._write_failed = True
+            log.exception("cannot write the output log %s; output discarded", self.path)
+            return
+        start = self.length
+        self.length += len(data)
+        for reader, send in list(self._live.items()):
+            try:
+                send.send_nowait((start, data))
+            except trio.WouldBlock:
+                # Too slow for the live path: it finishes its queue, then reads the file.
+                send.close()
+                del self._live[reader]
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                del self._live[reader]
+
+    def finish(self) -> None:
+        """The job has ended: fix the final length, close the file, end live channels."""
+        self.ended = True
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        for send in self._live.values():
+            send.close()
+        self._live.clear()
+
+    def _subscribe(self, reader: OutputReader) -> trio.MemoryReceiveChannel[Chunk]:
+        send, receive = trio.open_memory_channel[Chunk](self._live_window)
+        self._live[reader] = send
+        return receive
+
+    def _unsubscribe(self, reader: OutputReader) -> None:
+        send = self._live.pop(reader, None)
+        if send is not None:
+            send.close()
+
+    @property
+    def live_readers(self) -> int:
+        """How many readers are on the live path right now."""
+        return len(self._live)
+
+    @asynccontextmanager
+    async def follow(self, offset: int = 0, max_chunk: int = 65536) -> AsyncIterator[OutputReader]:
+        """A reader of this log from ``offset``. Leaving the context (or cancellation)
+        releases its channel, its file handle and its registration at once."""
+        reader = OutputReader(self, offset, max_chunk)
+        try:
+            yield reader
+        finally:
+            reader.close()
+
+
+class OutputReader:
+    """An async iterator of output chunks (each 1..max_chunk bytes) from an offset: history
+    from the file, then live data, ending once the job has ended and every byte up to the
+    final length was delivered. One consumer task at a time."""
+
+    def __init__(self, output: OutputLog, offset: int, max_chunk: int) -> None:
+        if offset < 0:
+            raise ValueError("offset must not be negative")
+        if max_chunk < 1:
+            raise ValueError("max_chunk must be positive")
+        self._log = output
+        self.offset = offset  # the next byte this reader will deliver
+        self._max_chunk = max_chunk
+        self._receive: trio.MemoryReceiveChannel[Chunk] | None = None
+        self._pending = memoryview(b"")
+        self._fd: int | None = None
+        self.catch_ups = 0  # times this reader was dropped from the live path
+
+    def __aiter__(self) -> OutputReader:
+        return self
+
+    def _take_pending(self) -> bytes:
+        out = bytes(self._pending[: self._max_chunk])
+        self._pending = self._pending[len(out) :]
+        self.offset += len(out)
+        return out
+
+    async def __anext__(self) -> bytes:
+        while True:
+            if self._pending:
+                return self._take_pending()
+            if self._receive is not None:
+                try:
+                    start, data = await self._receive.receive()
+                except trio.EndOfChannel:
+                    # Dropped for lagging, or the job ended: continue from the file.
+                    self._receive.close()
+                    self._receive = None
+                    if not self._log.ended:
+                        self.catch_ups += 1
+                    continue
+                skip = self.offset - start
+                if skip >= len(data):
+                    continue  # already delivered from the file
+                if skip < 0:  # pragma: no cover - impossible by construction (see module doc)
+                    log.error("output reader saw a gap at %d; reading the file", self.offset)
+                    self._log._unsubscribe(self)
+                    self._receive = None
+                    continue
+                if skip == 0 and len(data) <= self._max_chunk:
+                    self.offset += len(data)
+                    return data
+                self._pending = memoryview(data)[skip:]
+                continue
+            if self.offset < self._log.length:
+                data = await self._read_file(min(self._max_chunk, self._log.length - self.offset))
+                if data:
+                    self.offset += len(data)
+                    return data
+                log.error("output log %s is shorter than recorded; stream ended", self._log.path)
+                raise StopAsyncIteration
+            if self._log.ended:
+                raise StopAsyncIteration
+            # Caught up with a live job: join the live path. No checkpoint since the length
+            # check above, so the first chunk we get starts exactly at our offset.
+            self._receive = self._log._subscribe(self)
+
+    async def _read_file(self, size: int) -> bytes:
+        if self._fd is None:
+            try:
+                self._fd = await trio.to_thread.run_sync(
+                    os.open, self._log.path, os.O_RDONLY | os.O_CLOEXEC
+                )
+            except FileNotFoundError:
+                return b""
+        return await trio.to_thread.run_sync(os.pread, self._fd, size, self.offset)
+
+    def close(self) -> None:
+        """Release the live registration, the channel and the file handle (idempotent)."""
+        self._log._unsubscribe(self)
+        if self._receive is not None:
+            self._receive.close()
+            self._receive = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._pending = memoryview(b"")

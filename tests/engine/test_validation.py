@@ -1,0 +1,128 @@
+"""Spec validation: exact messages, defaults, and nothing consumed or written on refusal."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from jobworker.cgroups.base import Limits
+from jobworker.cgroups.null import NullCgroup, NullController
+from jobworker.engine import JobManager, JobSpec, open_job_manager
+from jobworker.engine.spec import MAX_ARGS_BYTES, resolve_command, validate_spec
+from jobworker.errors import (
+    CommandNotExecutable,
+    CommandNotFound,
+    InvalidJobSpec,
+    LimitRefused,
+)
+
+from .helpers import wait_ended
+
+CPU_MAX = 100 * (os.cpu_count() or 1)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (
+            JobSpec("true", max_cpu=-1),
+            f"maxCPU must be between 1 and {CPU_MAX} (percent of one core), got -1",
+        ),
+        (
+            JobSpec("true", max_cpu=CPU_MAX + 1),
+            f"maxCPU must be between 1 and {CPU_MAX} (percent of one core), got {CPU_MAX + 1}",
+        ),
+        (JobSpec("true", max_memory=-5), "maxMemory must not be negative, got -5"),
+        (JobSpec("true", max_memory=2), "maxMemory must be at least 4 MB, got 2"),
+        (JobSpec("true", max_iobps=-1), "maxIOBPS must not be negative, got -1"),
+        (JobSpec(""), "command must not be empty"),
+        (JobSpec("tr\0ue"), "command must not contain NUL bytes"),
+        (JobSpec("echo", ("ok", "b\0ad")), "args must not contain NUL bytes (argument 2)"),
+        (
+            JobSpec("echo", ("x" * (MAX_ARGS_BYTES // 2), "é" * (MAX_ARGS_BYTES // 4 + 1))),
+            f"args must total at most 1 MiB, got {MAX_ARGS_BYTES + 2} bytes",
+        ),
+        (JobSpec("no-such-command-xyz"), "command not found in PATH: no-such-command-xyz"),
+        (JobSpec("/nonexistent/tool"), "command not found in PATH: /nonexistent/tool"),
+        (JobSpec("/etc/passwd"), "command is not executable: /etc/passwd (permission denied)"),
+        (JobSpec("/tmp"), "command is not executable: /tmp (is a directory)"),
+    ],
+    ids=[
+        "cpu-negative",
+        "cpu-too-high",
+        "memory-negative",
+        "memory-too-low",
+        "io-negative",
+        "command-empty",
+        "command-nul",
+        "arg-nul",
+        "args-too-long-utf8",
+        "not-found",
+        "not-found-path",
+        "not-executable",
+        "directory",
+    ],
+)
+async def test_invalid_spec_is_refused_and_consumes_nothing(
+    manager: JobManager, data_dir: Path, spec: JobSpec, message: str
+) -> None:
+    with pytest.raises(InvalidJobSpec) as caught:
+        await manager.create(spec)
+    assert str(caught.value) == message
+    assert manager.list() == []
+    assert not (data_dir / "jobs").exists() or not any((data_dir / "jobs").iterdir())
+    assert (await manager.create(JobSpec("true"))).id == "1"
+    await wait_ended(manager, "1")
+
+
+def test_error_classes() -> None:
+    with pytest.raises(CommandNotFound):
+        resolve_command("no-such-command-xyz")
+    with pytest.raises(CommandNotExecutable):
+        resolve_command("/etc/passwd")
+
+
+def test_defaults_and_boundaries() -> None:
+    assert validate_spec(JobSpec("true")) == Limits(cpu_percent=100, memory_mb=512, io_bps=0)
+    explicit = JobSpec("true", (), max_cpu=50, max_memory=4, max_iobps=1000)
+    assert validate_spec(explicit) == Limits(cpu_percent=50, memory_mb=4, io_bps=1000)
+    assert validate_spec(JobSpec("true", max_cpu=CPU_MAX)).cpu_percent == CPU_MAX
+    assert validate_spec(JobSpec("echo", ("x" * MAX_ARGS_BYTES,))).cpu_percent == 100
+    assert validate_spec(JobSpec("true"), pids_max=77).pids_max == 77
+
+
+def test_resolution_follows_execvp(tmp_path: Path) -> None:
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    (first / "tool").write_text("#!/bin/sh\n")  # found first but not executable: skipped
+    (second / "tool").write_text("#!/bin/sh\n")
+    (second / "tool").chmod(0o755)
+    assert resolve_command("tool", f"{first}:{second}") == str(second / "tool")
+    with pytest.raises(CommandNotExecutable) as caught:
+        resolve_command("tool", str(first))
+    assert str(caught.value) == f"command is not executable: {first / 'tool'} (permission denied)"
+    assert resolve_command("sh") in ("/usr/bin/sh", "/bin/sh")
+
+
+class RefusingController(NullController):
+    """Refuses any memory limit above 1000 MB, like a kernel refusing a value."""
+
+    def create(self, job_id: str, limits: Limits) -> NullCgroup:
+        if limits.memory_mb > 1000:
+            raise LimitRefused(
+                "maxMemory: the kernel refused memory.limit_in_bytes=... (Invalid argument)"
+            )
+        return super().create(job_id, limits)
+
+
+async def test_refused_limit_consumes_no_id(data_dir: Path) -> None:
+    async with open_job_manager(data_dir, controller=RefusingController()) as manager:
+        with pytest.raises(LimitRefused) as caught:
+            await manager.create(JobSpec("true", max_memory=2000))
+        assert str(caught.value).startswith("maxMemory: the kernel refused")
+        assert manager.list() == []
+        assert (await manager.create(JobSpec("true"))).id == "1"
+        await wait_ended(manager, "1")
