@@ -1,0 +1,153 @@
+"""Reap orphans: the server is a child subreaper, so a job's double-forked or setsid'd
+descendants reparent to it when their parent dies; their zombies must be reaped here (they
+keep counting in pids.current, and PID 1 on our machines reaps lazily, ~1.25 s).
+
+The engine's own children are reaped by trio (``Process.wait()``): the reaper must never
+steal their status. The engine therefore holds ``with reaper.spawning():`` around the spawn
+until it calls ``protect(pid)``: trio runs Popen in a thread, and a fast child may already
+be a zombie before trio has opened its pidfd.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import trio
+
+log = logging.getLogger(__name__)
+
+PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+PROC = Path("/proc")
+MAX_REAP_ROUNDS = 10_000  # bounds one reap_once(); the next SIGCHLD continues
+
+
+def set_child_subreaper(enable: bool = True) -> None:
+    """prctl(PR_SET_CHILD_SUBREAPER): orphans of our descendants reparent to this process."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, int(enable), 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def zombie_children(parent: int) -> list[int]:
+    """Pids of ``parent``'s children in state Z, from /proc/*/stat (no CONFIG_PROC_CHILDREN)."""
+    found: list[int] = []
+    for entry in os.scandir(PROC):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as stat:
+                data = stat.read()
+        except OSError:
+            continue
+        # "pid (comm) S ppid ...": comm may hold spaces and parens; split after the last ')'.
+        fields = data[data.rfind(b")") + 2 :].split(None, 2)
+        if len(fields) >= 2 and fields[0] == b"Z" and int(fields[1]) == parent:
+            found.append(int(entry.name))
+    return found
+
+
+class Reaper:
+    """Reaps zombie children that nobody else waits for.
+
+    ``run()`` is a long-lived task: it wakes on SIGCHLD and on ``reap_now()``. Cancellation
+    just ends it (zombies left then are reaped by whoever inherits them).
+    """
+
+    def __init__(self) -> None:
+        self._protected: set[int] = set()
+        self._spawning = 0
+        self._wake = trio.Event()
+        self.reaped = 0  # orphans reaped so far (for logs and tests)
+
+    def enable(self) -> None:
+        """Become a child subreaper (needs nothing special; fails only on non-Linux)."""
+        set_child_subreaper(True)
+
+    def disable(self) -> None:
+        set_child_subreaper(False)
+
+    def protect(self, pid: int) -> None:
+        """Never reap ``pid``: its owner waits for it (trio's Process.wait)."""
+        self._protected.add(pid)
+
+    def release(self, pid: int) -> None:
+        self._protected.discard(pid)
+
+    @contextmanager
+    def spawning(self) -> Iterator[None]:
+        """Hold off reaping while a child is being spawned and not yet protected."""
+        self._spawning += 1
+        try:
+            yield
+        finally:
+            self._spawning -= 1
+            if self._spawning == 0:
+                self.reap_now()  # a SIGCHLD may have been skipped meanwhile
+
+    def reap_now(self) -> None:
+        """Ask the run() task to look for zombies now (safe from any Trio task)."""
+        self._wake.set()
+
+    def reap_once(self) -> int:
+        """Reap every unprotected zombie child; return how many. A no-op while spawning."""
+        if self._spawning:
+            return 0
+        me = os.getpid()
+        count = 0
+        # Fast path: waitid(WNOWAIT) names a zombie child without reaping it; none -> done.
+        try:
+            peek = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return 0
+        if peek is None:
+            return 0
+        candidates = [peek.si_pid] if peek.si_pid not in self._protected else zombie_children(me)
+        for _ in range(MAX_REAP_ROUNDS):
+            if not candidates:
+                break
+            for pid in candidates:
+                if pid in self._protected:
+                    continue
+                try:
+                    if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                        count += 1
+                except ChildProcessError:
+                    continue
+            try:
+                peek = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                break
+            if peek is None:
+                break
+            if peek.si_pid in self._protected:
+                candidates = [p for p in zombie_children(me) if p not in self._protected]
+            else:
+                candidates = [peek.si_pid]
+        self.reaped += count
+        return count
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Reap on every SIGCHLD / reap_now() until cancelled. Must run in the main thread
+        (signal handling). started() fires once SIGCHLD is being received."""
+        with trio.open_signal_receiver(signal.SIGCHLD) as signals:
+            async with trio.open_nursery() as nursery:
+
+                async def forward_signals() -> None:
+                    async for _ in signals:
+                        self.reap_now()
+
+                nursery.start_soon(forward_signals)
+                task_status.started()
+                self.reap_now()  # anything that died before we listened
+                while True:
+                    await self._wake.wait()
+                    self._wake = trio.Event()
+                    self.reap_once()
