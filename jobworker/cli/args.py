@@ -1,0 +1,386 @@
+"""The command line of ``jobworker``: parsing, defaults, environment.
+
+Pure: no I/O but argparse's own help/usage printing, no server. ``parse(argv,
+environ)`` returns a ``Command`` or raises ``UsageError`` / ``SystemExit(0)``
+(for --help and --version).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn
+
+from jobworker import __version__
+from jobworker.client.address import parse_server
+
+DEFAULT_SERVER = "localhost:50051"  # the spec's default
+DEFAULT_CERTS_DIR = "certs"  # the spec's certs/client-cert.pem etc., relative to the cwd
+CERT_FILE, KEY_FILE, CA_FILE = "client-cert.pem", "client-key.pem", "ca-cert.pem"
+ENV_SERVER = "JOB_WORKER_SERVER"
+ENV_CERT_PATH = "JOB_WORKER_CERT_PATH"  # a directory holding the three files above
+DEFAULT_TIMEOUT_S = 5.0  # connection setup and each unary call
+INT32_MAX = 2**31 - 1  # the API's limits are int32
+OUTPUT_FORMATS = ("text", "json")
+
+EXIT_OK = 0
+EXIT_SERVER_ERROR = 1  # the server answered with an error (or a streamed job did not complete)
+EXIT_USAGE = 2
+EXIT_CONNECT = 3  # the server could not be reached, refused TLS, went away or did not answer
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+
+TRUE_WORDS = frozenset({"1", "t", "true", "yes", "y", "on"})  # Go's ParseBool, plus yes/no
+FALSE_WORDS = frozenset({"0", "f", "false", "no", "n", "off"})
+
+
+class UsageError(Exception):
+    """The command line is wrong. str() is the one-line message; ``command`` the subcommand."""
+
+    def __init__(self, message: str, command: str | None = None) -> None:
+        super().__init__(message)
+        self.command = command
+
+
+@dataclass(frozen=True)
+class Connection:
+    """Where and how to connect, after flags > environment > defaults."""
+
+    server: str
+    cert: str
+    key: str
+    ca: str
+    timeout: float
+
+
+@dataclass(frozen=True)
+class Command:
+    """A parsed command line."""
+
+    name: str  # create, get, list, stop, stream
+    connection: Connection
+    output: str = "text"
+    job_id: str = ""
+    command: str = ""
+    args: tuple[str, ...] = ()
+    max_cpu: int = 0
+    max_memory: int = 0
+    max_iobps: int = 0
+    follow: bool = True
+
+
+EXIT_CODES_HELP = f"""\
+exit status:
+  {EXIT_OK}    success
+  {EXIT_SERVER_ERROR}    the server reported an error (e.g. job not found, permission denied);
+       for stream: the job ended other than COMPLETED
+  {EXIT_USAGE}    usage error
+  {EXIT_CONNECT}    cannot connect: server unreachable, TLS failure, certificate refused or
+       missing, connection lost, or no answer within --timeout
+  {EXIT_INTERRUPTED}  interrupted (Ctrl+C)
+  When stdout is closed early (e.g. "| head"), jobworker stops quietly with status 0."""
+
+MAIN_EPILOG = f"""\
+environment:
+  {ENV_SERVER}     server address (overridden by --server)
+  {ENV_CERT_PATH}  directory holding {CERT_FILE}, {KEY_FILE}, {CA_FILE}
+                        (overridden by --cert/--key/--ca)
+
+examples:
+  jobworker create echo "hello world"
+  jobworker --server=prod.example.com:50051 \\
+    --cert=certs/admin-client-cert.pem \\
+    --key=certs/admin-client-key.pem \\
+    create echo "remote job"
+  export {ENV_SERVER}="prod.example.com:50051"
+  export {ENV_CERT_PATH}="./certs"
+  jobworker create echo "hello"
+
+{EXIT_CODES_HELP}
+"""
+
+COMMAND_HELP: dict[str, tuple[str, str]] = {
+    "create": (
+        "Create and start a new job.",
+        """\
+Everything after <command> belongs to the job, options included.
+Use "--" before a command that starts with "-".
+
+examples:
+  jobworker create echo "hello world"
+  jobworker create --max-cpu=50 python3 script.py
+  jobworker create --max-cpu=50 --max-memory=512 python3 script.py
+  jobworker create bash -c "sleep 10 && echo done"
+  jobworker create python3 -u script.py -v
+""",
+    ),
+    "get": ("Get detailed information about a job.", "example:\n  jobworker get 1\n"),
+    "list": ("List all jobs.", "example:\n  jobworker list\n"),
+    "stop": ("Stop a running job.", "example:\n  jobworker stop 1\n"),
+    "stream": (
+        "Stream job output in real-time.",
+        """\
+The job's output goes to stdout as raw bytes; the banner and the final status
+go to stderr, so "jobworker stream 1 > out.log" captures only the job's output.
+With --follow=false (or --no-follow), print the output so far and exit: the
+whole output if the job has ended, otherwise what the server sends until it
+has been quiet for a moment.
+
+examples:
+  jobworker stream 1
+  jobworker stream 1 --follow
+  jobworker stream --follow=false 1
+""",
+    ),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with errors raised as UsageError instead of printed usage + exit."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.split()[-1] if " " in self.prog else None
+        raise UsageError(message, command)
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 0 <= value <= INT32_MAX:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {INT32_MAX}: {text}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds: {text}")
+    return value
+
+
+def _server_address(text: str) -> str:
+    try:
+        parse_server(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _add_output(parser: argparse.ArgumentParser, *, default: object) -> None:
+    parser.add_argument(
+        "-o",
+        "--output",
+        choices=OUTPUT_FORMATS,
+        default=default,
+        help="output format (default text; stream always writes the job's raw bytes)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="jobworker",
+        description="Client of the job worker: run, inspect, stop and stream jobs.",
+        epilog=MAIN_EPILOG,
+        formatter_class=_formatter,
+    )
+    parser.add_argument(
+        "--server",
+        type=_server_address,
+        help=f'server address host:port (default "{DEFAULT_SERVER}", or ${ENV_SERVER})',
+    )
+    parser.add_argument(
+        "--cert", help=f'client certificate path (default "{DEFAULT_CERTS_DIR}/{CERT_FILE}")'
+    )
+    parser.add_argument(
+        "--key", help=f'client private key path (default "{DEFAULT_CERTS_DIR}/{KEY_FILE}")'
+    )
+    parser.add_argument(
+        "--ca", help=f'CA certificate path (default "{DEFAULT_CERTS_DIR}/{CA_FILE}")'
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="SECONDS",
+        help="limit for connecting and for each call; streaming has none"
+        f" (default {DEFAULT_TIMEOUT_S:g})",
+    )
+    _add_output(parser, default=None)
+    parser.add_argument("--version", action="version", version=f"jobworker {__version__}")
+    commands = parser.add_subparsers(dest="name", metavar="<command>", required=True)
+
+    def command(name: str) -> argparse.ArgumentParser:
+        summary, epilog = COMMAND_HELP[name]
+        sub: argparse.ArgumentParser = commands.add_parser(
+            name, help=summary, description=summary, epilog=epilog, formatter_class=_formatter
+        )
+        _add_output(sub, default=argparse.SUPPRESS)
+        return sub
+
+    create = command("create")
+    for flag, what, default in (
+        ("--max-cpu", "max CPU percentage of one core", 100),
+        ("--max-memory", "max memory in MB", 512),
+        ("--max-iobps", "max I/O bytes per second, 0 = unlimited", 0),
+    ):
+        create.add_argument(
+            flag,
+            type=_non_negative_int,
+            default=0,
+            metavar="N",
+            help=f"{what} (server default {default})",
+        )
+    create.add_argument(
+        "command", metavar="<command>", help="the command to run (looked up in the server's PATH)"
+    )
+    create.add_argument(
+        "args", metavar="[args...]", nargs=argparse.REMAINDER, help="its arguments, untouched"
+    )
+
+    command("get").add_argument("job_id", metavar="<job-id>")
+    command("list")
+    command("stop").add_argument("job_id", metavar="<job-id>")
+
+    stream = command("stream")
+    follow = stream.add_mutually_exclusive_group()
+    follow.add_argument(
+        "-f",
+        "--follow",
+        dest="follow",
+        action="store_true",
+        default=True,
+        help="follow the output until the job ends (the default); also --follow=true|false",
+    )
+    follow.add_argument(
+        "--no-follow", dest="follow", action="store_false", help="print the output so far and exit"
+    )
+    stream.add_argument("job_id", metavar="<job-id>")
+    return parser
+
+
+_GLOBAL_OPTIONS_WITH_VALUE = frozenset(
+    {"--server", "--cert", "--key", "--ca", "--timeout", "-o", "--output"}
+)
+_CREATE_OPTIONS_WITH_VALUE = frozenset(
+    {"--max-cpu", "--max-memory", "--max-iobps", "-o", "--output"}
+)
+_END_OF_OPTIONS = "--"
+
+
+@dataclass(frozen=True)
+class _Split:
+    """argv cut where argparse must stop: what it parses, and a create's job arguments."""
+
+    for_argparse: list[str]
+    command_name: str | None
+    job_args: tuple[str, ...] = ()
+
+
+def _skip_options(argv: list[str], start: int, with_value: frozenset[str]) -> int:
+    """Index of the first positional (or of "--") at or after ``start``."""
+    index = start
+    while index < len(argv):
+        word = argv[index]
+        if word == _END_OF_OPTIONS or not word.startswith("-") or word == "-":
+            return index
+        index += 2 if word in with_value else 1
+    return index
+
+
+def _split(argv: list[str]) -> _Split:
+    """Find the subcommand; for create, cut after the job's command; for stream, rewrite
+    ``--follow=VALUE`` (argparse flags take no value)."""
+    index = _skip_options(argv, 0, _GLOBAL_OPTIONS_WITH_VALUE)
+    if index >= len(argv) or argv[index] == _END_OF_OPTIONS:
+        return _Split(argv, None)
+    name = argv[index]
+    if name == "create":
+        # argparse would drop a "--" among the job's arguments; the job gets them verbatim.
+        at = _skip_options(argv, index + 1, _CREATE_OPTIONS_WITH_VALUE)
+        if at < len(argv) and argv[at] == _END_OF_OPTIONS:
+            at += 1
+        return _Split(argv[: at + 1], name, tuple(argv[at + 1 :]))
+    if name != "stream":
+        return _Split(argv, name)
+    rewritten = argv[: index + 1]
+    for position, word in enumerate(argv[index + 1 :], start=index + 1):
+        if word == _END_OF_OPTIONS:
+            return _Split(rewritten + argv[position:], name)
+        rewritten.append(_follow_flag(word))
+    return _Split(rewritten, name)
+
+
+def _follow_flag(word: str) -> str:
+    name, equals, value = word.partition("=")
+    if not equals or name not in ("--follow", "-f"):
+        return word
+    answer = value.strip().lower()
+    if answer in TRUE_WORDS:
+        return "--follow"
+    if answer in FALSE_WORDS:
+        return "--no-follow"
+    raise UsageError(f"argument {name}: expected true or false, got {value!r}", "stream")
+
+
+def parse(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Command:
+    """Parse a command line (without the program name) into a Command.
+
+    Flags beat the environment (JOB_WORKER_SERVER, JOB_WORKER_CERT_PATH),
+    which beats the defaults. Raises UsageError; --help/--version print and
+    raise SystemExit(0).
+    """
+    environ = os.environ if environ is None else environ
+    split = _split(list(argv))
+    try:
+        ns = build_parser().parse_args(split.for_argparse)
+    except UsageError as error:
+        error.command = error.command or split.command_name
+        raise
+    if ns.name == "create":
+        if not ns.command:
+            raise UsageError("the command must not be empty", "create")
+        ns.args = [*ns.args, *split.job_args]
+    env_server = environ.get(ENV_SERVER, "").strip()
+    if ns.server is None and env_server:
+        try:
+            parse_server(env_server)
+        except ValueError as exc:
+            raise UsageError(f"{ENV_SERVER}: {exc}") from None
+    certs_dir = environ.get(ENV_CERT_PATH, "").strip() or DEFAULT_CERTS_DIR
+    connection = Connection(
+        server=ns.server or env_server or DEFAULT_SERVER,
+        cert=ns.cert or str(Path(certs_dir) / CERT_FILE),
+        key=ns.key or str(Path(certs_dir) / KEY_FILE),
+        ca=ns.ca or str(Path(certs_dir) / CA_FILE),
+        timeout=ns.timeout,
+    )
+    return Command(
+        name=ns.name,
+        connection=connection,
+        output=ns.output or "text",
+        job_id=getattr(ns, "job_id", ""),
+        command=getattr(ns, "command", ""),
+        args=tuple(getattr(ns, "args", ())),
+        max_cpu=getattr(ns, "max_cpu", 0),
+        max_memory=getattr(ns, "max_memory", 0),
+        max_iobps=getattr(ns, "max_iobps", 0),
+        follow=getattr(ns, "follow", True),
+    )
+
+
+def print_usage_error(error: UsageError) -> None:
+    """One line on stderr: ``Error: <message> (see 'jobworker [<command>] --help')``."""
+    where = f"jobworker {error.command} --help" if error.command else "jobworker --help"
+    print(f"Error: {error} (see '{where}')", file=sys.stderr)

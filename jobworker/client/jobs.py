@@ -1,0 +1,296 @@
+"""JobClient: the JobService calls over one mutual-TLS connection, with deadlines.
+
+Usage::
+
+    async with open_client("localhost:50051", cert=..., key=..., ca=...) as client:
+        job = await client.create("echo", ["hello"])
+        async with client.stream(job.id) as output:
+            async for chunk in output:
+                ...
+
+Every unary call has a deadline (``call_timeout``, also sent as grpc-timeout);
+connection setup (TCP, TLS, the server's first SETTINGS) has ``connect_timeout``.
+Streams have no deadline. Leaving a call early (cancellation, an exception,
+Ctrl+C, a ``break``) resets its HTTP/2 stream; leaving the client closes the
+socket.
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from types import TracebackType
+from typing import Protocol, Self, TypeVar
+
+import trio
+from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
+
+from jobworker.api import worker_pb2
+from jobworker.client.address import ServerAddress, parse_server
+from jobworker.client.connection import Call, Connection
+from jobworker.client.errors import ConnectError, DeadlineExceeded, RpcError
+from jobworker.client.tls import client_ssl_context, open_tls_stream
+
+SERVICE = "job_worker.JobService"
+DEFAULT_CONNECT_TIMEOUT_S = 5.0
+DEFAULT_CALL_TIMEOUT_S = 10.0
+# Leaving the client: time to send the queued RST_STREAMs, then TLS
+# close_notify. Bounded so a dead peer cannot hold the caller.
+CLOSE_FLUSH_S = 1.0
+CLOSE_STREAM_S = 1.0
+
+
+class _Message(Protocol):
+    def SerializeToString(self) -> bytes: ...  # protobuf's name
+
+
+_Response = TypeVar("_Response")
+_Response_co = TypeVar("_Response_co", covariant=True)
+
+
+class _Parser(Protocol[_Response_co]):
+    def FromString(self, data: bytes) -> _Response_co: ...  # protobuf's name
+
+
+def open_client(
+    server: str,
+    *,
+    cert: str | Path,
+    key: str | Path,
+    ca: str | Path,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+    call_timeout: float = DEFAULT_CALL_TIMEOUT_S,
+) -> ClientSession:
+    """An async context manager giving a connected JobClient.
+
+    ``server`` is "host:port", "[v6]:port" or "host" (port 50051). Entering it
+    connects and raises ConnectError within ``connect_timeout`` on any failure
+    (unreachable, TLS, certificate refused, missing certificate file).
+    """
+    return ClientSession(
+        server,
+        cert=cert,
+        key=key,
+        ca=ca,
+        connect_timeout=connect_timeout,
+        call_timeout=call_timeout,
+    )
+
+
+class ClientSession:
+    """Owns the connection, its reader/writer tasks and the socket.
+
+    Entering connects (bounded by connect_timeout). Exiting, however it
+    happens (normal exit, exception, cancellation, Ctrl+C), resets the calls
+    still open and flushes every queued RST_STREAM (shielded, at most
+    CLOSE_FLUSH_S), stops the tasks, then sends TLS close_notify and closes the
+    socket (shielded, at most CLOSE_STREAM_S). The
+    nursery that owns the tasks is entered here by hand, so that exceptions of
+    the body pass through unwrapped (no ExceptionGroup around them); the two
+    tasks never raise (they fail the connection instead).
+    """
+
+    def __init__(
+        self,
+        server: str,
+        *,
+        cert: str | Path,
+        key: str | Path,
+        ca: str | Path,
+        connect_timeout: float,
+        call_timeout: float,
+    ) -> None:
+        self._server = server
+        self._cert, self._key, self._ca = cert, key, ca
+        self._connect_timeout = connect_timeout
+        self._call_timeout = call_timeout
+        self._nursery_manager: AbstractAsyncContextManager[trio.Nursery] | None = None
+        self._nursery: trio.Nursery | None = None
+        self._connection: Connection | None = None
+
+    async def __aenter__(self) -> JobClient:
+        try:
+            address = parse_server(self._server)
+        except ValueError as exc:
+            raise ConnectError(str(exc)) from None
+        context = client_ssl_context(self._cert, self._key, self._ca)
+        # The nursery outlives __aenter__, so it is entered first and the
+        # connect deadline nests inside it.
+        self._nursery_manager = trio.open_nursery()
+        nursery = await self._nursery_manager.__aenter__()
+        self._nursery = nursery
+        try:
+            with trio.fail_after(self._connect_timeout):
+                stream = await open_tls_stream(address, context, self._cert)
+                self._connection = Connection(stream, address, self._cert)
+                nursery.start_soon(self._connection.run_reader)
+                nursery.start_soon(self._connection.run_writer)
+                await self._connection.wait_ready()
+        except trio.TooSlowError:
+            await self._shutdown()
+            raise ConnectError(
+                f"cannot connect to {address}: no answer within {self._connect_timeout:g} s"
+            ) from None
+        except BaseException:
+            await self._shutdown()
+            raise
+        return JobClient(self._connection, address, self._call_timeout)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        connection, self._connection = self._connection, None
+        manager, self._nursery_manager = self._nursery_manager, None
+        nursery, self._nursery = self._nursery, None
+        try:
+            if connection is not None:
+                connection.close_gracefully()
+                with trio.move_on_after(CLOSE_FLUSH_S, shield=True):
+                    await connection.writer_done.wait()
+        finally:
+            try:
+                if manager is not None and nursery is not None:
+                    nursery.cancel_scope.cancel()
+                    # Not wrapped in a shield: a scope around a nursery's exit would
+                    # not nest. None needed either: exiting waits for the (cancelled) tasks.
+                    await manager.__aexit__(None, None, None)
+            finally:
+                if connection is not None:
+                    with trio.move_on_after(CLOSE_STREAM_S, shield=True):
+                        await connection.stream.aclose()
+                    await trio.aclose_forcefully(connection.stream)  # no-op if closed
+
+
+class JobClient:
+    """The five JobService calls. Obtain one from open_client(); not usable after it exits."""
+
+    def __init__(self, connection: Connection, address: ServerAddress, call_timeout: float):
+        self._connection = connection
+        self.address = address
+        self.call_timeout = call_timeout
+
+    async def create(
+        self,
+        command: str,
+        args: Sequence[str] = (),
+        max_cpu: int = 0,
+        max_memory: int = 0,
+        max_iobps: int = 0,
+    ) -> worker_pb2.CreateJobRes:
+        """CreateJob. Zero limits mean the server's defaults."""
+        request = worker_pb2.CreateJobReq(
+            command=command,
+            args=list(args),
+            maxCPU=max_cpu,
+            maxMemory=max_memory,
+            maxIOBPS=max_iobps,
+        )
+        return await self._unary("CreateJob", request, worker_pb2.CreateJobRes)
+
+    async def get(self, job_id: str) -> worker_pb2.GetJobRes:
+        """GetJob."""
+        return await self._unary("GetJob", worker_pb2.GetJobReq(id=job_id), worker_pb2.GetJobRes)
+
+    async def list(self) -> builtins.list[worker_pb2.Job]:
+        """GetJobs: every job the server knows, in the server's order."""
+        jobs = await self._unary("GetJobs", worker_pb2.EmptyRequest(), worker_pb2.Jobs)
+        return builtins.list(jobs.jobs)
+
+    async def stop(self, job_id: str) -> worker_pb2.StopJobRes:
+        """StopJob."""
+        return await self._unary("StopJob", worker_pb2.StopJobReq(id=job_id), worker_pb2.StopJobRes)
+
+    def stream(self, job_id: str) -> JobOutput:
+        """GetJobsStream as an async context manager yielding an iterator of output bytes.
+
+        No deadline. Leaving the block before the end resets the stream.
+        """
+        return JobOutput(self._connection, job_id)
+
+    async def _unary(
+        self, method: str, request: _Message, response_type: _Parser[_Response]
+    ) -> _Response:
+        timeout = self.call_timeout
+        try:
+            with trio.fail_after(timeout):
+                call = await self._connection.open_call(
+                    f"/{SERVICE}/{method}", request.SerializeToString(), timeout
+                )
+                try:
+                    return await _single_response(call, response_type)
+                finally:
+                    call.close()
+        except trio.TooSlowError:
+            raise DeadlineExceeded(timeout) from None
+
+
+async def _single_response(call: Call, response_type: _Parser[_Response]) -> _Response:
+    data = await call.receive_message()
+    if data is None:
+        raise RpcError("INTERNAL", "the server sent no response")
+    if await call.receive_message() is not None:
+        raise RpcError("INTERNAL", "the server sent more than one response")
+    return _decode(response_type, data)
+
+
+def _decode(message_type: _Parser[_Response], data: bytes) -> _Response:
+    try:
+        return message_type.FromString(data)
+    except DecodeError:
+        raise RpcError("INTERNAL", "the server sent a malformed response") from None
+
+
+class JobOutput:
+    """A running GetJobsStream: ``async with`` it, then ``async for chunk in it``.
+
+    Each item is one DataChunk's payload (raw bytes, never empty). Iteration
+    ends when the server ends the stream with OK (the job ended and every byte
+    was sent); a non-OK status raises RpcError, a dropped connection
+    ConnectionLost. Leaving the block early (break, exception, cancellation)
+    sends RST_STREAM(CANCEL) so the server stops streaming.
+    """
+
+    def __init__(self, connection: Connection, job_id: str) -> None:
+        self._connection = connection
+        self.job_id = job_id
+        self._call: Call | None = None
+        self.ended = False  # the server ended the stream with OK: every byte was delivered
+
+    async def __aenter__(self) -> Self:
+        request = worker_pb2.GetJobsStreamReq(id=self.job_id)
+        self._call = await self._connection.open_call(
+            f"/{SERVICE}/GetJobsStream", request.SerializeToString(), None
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._call is not None:
+            self._call.close()
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._call is None:
+            raise RuntimeError("use 'async with client.stream(id) as output' first")
+        while True:
+            data = await self._call.receive_message()
+            if data is None:
+                self.ended = True
+                raise StopAsyncIteration
+            payload: bytes = _decode(worker_pb2.DataChunk, data).payload
+            if payload:
+                return payload

@@ -1,0 +1,156 @@
+"""Mutual TLS for the client: the SSL context, TCP + handshake, and failure messages.
+
+Every failure becomes a ConnectError whose message says which step failed,
+in words a user can act on; no ssl/OS exception text reaches the user raw.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import ssl
+from pathlib import Path
+
+import trio
+
+from jobworker.client.address import ServerAddress
+from jobworker.client.errors import ConnectError
+
+ALPN_H2 = "h2"  # gRPC servers (grpcio, ours) refuse a TLS client that does not offer h2
+# A server that vanishes without a FIN (host down, cable cut) is noticed by TCP
+# keepalive after about KEEPIDLE + KEEPCNT * KEEPINTVL = 60 s, even while a
+# stream is idle; unary calls have their own deadline anyway.
+TCP_KEEPIDLE_S = 30
+TCP_KEEPINTVL_S = 10
+TCP_KEEPCNT = 3
+
+
+def client_ssl_context(cert: str | Path, key: str | Path, ca: str | Path) -> ssl.SSLContext:
+    """A TLS 1.3 client context presenting cert/key and trusting only the CA in ``ca``.
+
+    Raises ConnectError("missing certificate file at PATH") for an absent file
+    and ConnectError for an unreadable or malformed one.
+    """
+    for path in (cert, key, ca):
+        if not Path(path).is_file():
+            raise ConnectError(f"missing certificate file at {path}")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the server and its hostname
+    context.minimum_version = ssl.TLSVersion.TLSv1_3  # the spec: gRPC over TLS 1.3
+    try:
+        context.load_verify_locations(cafile=str(ca))
+    except (ssl.SSLError, OSError) as exc:
+        raise ConnectError(f"cannot load CA certificate {ca}: {describe_ssl_error(exc)}") from None
+    try:
+        context.load_cert_chain(str(cert), str(key))
+    except (ssl.SSLError, OSError) as exc:
+        raise ConnectError(
+            f"cannot load client certificate {cert} with key {key}: {describe_ssl_error(exc)}"
+        ) from None
+    context.set_alpn_protocols([ALPN_H2])
+    return context
+
+
+async def open_tls_stream(
+    address: ServerAddress, context: ssl.SSLContext, client_cert: str | Path
+) -> trio.SSLStream[trio.SocketStream]:
+    """Connect over TCP and complete the TLS handshake.
+
+    No deadline of its own: the caller wraps it. On cancellation or failure the
+    socket is closed before the exception leaves.
+    """
+    try:
+        tcp = await trio.open_tcp_stream(address.host, address.port)
+    except OSError as exc:
+        raise ConnectError(f"cannot connect to {address}: {describe_os_error(exc)}") from None
+    try:
+        _set_keepalive(tcp.socket)
+        tls = trio.SSLStream(tcp, context, server_hostname=address.host, https_compatible=False)
+        await tls.do_handshake()
+    except trio.BrokenResourceError as exc:
+        await trio.aclose_forcefully(tcp)
+        raise tls_failure(address, exc, client_cert) from None
+    except BaseException:
+        await trio.aclose_forcefully(tcp)
+        raise
+    return tls
+
+
+def tls_failure(
+    address: ServerAddress,
+    exc: BaseException,
+    client_cert: str | Path,
+    *,
+    after_handshake: bool = False,
+) -> ConnectError:
+    """Translate a broken TLS stream (handshake or first read) into a ConnectError.
+
+    Under TLS 1.3 the server checks our certificate after our side of the
+    handshake has finished, so its refusal shows up on the first read
+    (``after_handshake``): as an alert naming the reason, or, from servers that
+    do not flush the alert (Python/Trio/AnyIO ones), as a bare EOF or reset.
+    """
+    cause = exc.__cause__ if exc.__cause__ is not None else exc
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return ConnectError(f"certificate verify failed: {cause.verify_message}")
+    if isinstance(cause, ssl.SSLError) and "ALERT" in (cause.reason or ""):
+        return ConnectError(
+            f"TLS handshake refused by server: {describe_ssl_error(cause)}"
+            f" (client certificate {client_cert})"
+        )
+    if isinstance(cause, ssl.SSLError) and not isinstance(cause, ssl.SSLEOFError):
+        return ConnectError(f"TLS handshake with {address} failed: {describe_ssl_error(cause)}")
+    if after_handshake:
+        return ConnectError(
+            "TLS handshake refused by server: connection closed before the session started"
+            f" (is the client certificate {client_cert} valid and signed by the server's CA?)"
+        )
+    return ConnectError(f"cannot connect to {address}: connection closed during TLS handshake")
+
+
+def describe_ssl_error(exc: BaseException) -> str:
+    """'SSLV3_ALERT_CERTIFICATE_EXPIRED' -> 'certificate expired'; OS errors -> their strerror."""
+    reason = getattr(exc, "reason", None)
+    if isinstance(exc, ssl.SSLError) and isinstance(reason, str) and reason:
+        text = reason.split("ALERT_", 1)[-1].lower().replace("_", " ")
+        return " ".join("CA" if word == "ca" else word for word in text.split())
+    if isinstance(exc, OSError):
+        return describe_os_error(exc)
+    return type(exc).__name__
+
+
+def describe_os_error(exc: OSError) -> str:
+    """The most specific strerror in exc or its causes ("connection refused", "timed out")."""
+    candidates: list[BaseException] = [exc]
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup):
+        candidates[:0] = _leaves(cause)
+    elif cause is not None:
+        candidates.insert(0, cause)
+    for candidate in candidates:
+        if not isinstance(candidate, OSError):
+            continue
+        # trio words its strerror "error connecting to (addr): ..."; the errno is plainer
+        if isinstance(candidate.errno, int) and candidate.errno > 0:
+            text = os.strerror(candidate.errno)
+        elif candidate.strerror:  # getaddrinfo errors have negative codes
+            text = candidate.strerror
+        else:
+            continue
+        return text[:1].lower() + text[1:]
+    return str(exc) or type(exc).__name__
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    leaves: list[BaseException] = []
+    for sub in group.exceptions:
+        leaves.extend(_leaves(sub) if isinstance(sub, BaseExceptionGroup) else [sub])
+    return leaves
+
+
+def _set_keepalive(sock: trio.socket.SocketType) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    with contextlib.suppress(AttributeError, OSError):  # Linux names; harmless elsewhere
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, TCP_KEEPIDLE_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, TCP_KEEPINTVL_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, TCP_KEEPCNT)

@@ -1,0 +1,387 @@
+"""The CLI's command line, with no server: parsing, precedence, addresses, rendering."""
+
+from __future__ import annotations
+
+import pytest
+
+from jobworker.api import worker_pb2
+from jobworker.cli import main, render
+from jobworker.cli.args import (
+    DEFAULT_SERVER,
+    EXIT_USAGE,
+    Command,
+    UsageError,
+    parse,
+)
+from jobworker.client.address import ServerAddress, parse_server
+from jobworker.client.connection import encode_grpc_timeout
+
+NO_ENV: dict[str, str] = {}
+
+
+def parsed(*argv: str, env: dict[str, str] | None = None) -> Command:
+    return parse(list(argv), NO_ENV if env is None else env)
+
+
+# -- create: everything after the command belongs to the job ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "command", "args", "limits"),
+    [
+        (["echo", "hello world"], "echo", ("hello world",), (0, 0, 0)),
+        (["--max-cpu=50", "python3", "script.py"], "python3", ("script.py",), (50, 0, 0)),
+        (
+            ["--max-cpu", "50", "--max-memory=512", "python3", "script.py"],
+            "python3",
+            ("script.py",),
+            (50, 512, 0),
+        ),
+        (["--max-iobps=1048576", "dd"], "dd", (), (0, 0, 1048576)),
+        (
+            ["bash", "-c", "sleep 10 && echo done"],
+            "bash",
+            ("-c", "sleep 10 && echo done"),
+            (0, 0, 0),
+        ),
+        (["python3", "-u", "script.py", "-v"], "python3", ("-u", "script.py", "-v"), (0, 0, 0)),
+        (
+            ["echo", "--max-cpu=5", "-o", "json", "--help"],
+            "echo",
+            ("--max-cpu=5", "-o", "json", "--help"),
+            (0, 0, 0),
+        ),
+        (["echo", "--", "x"], "echo", ("--", "x"), (0, 0, 0)),
+        (["--", "-weird-cmd", "-x"], "-weird-cmd", ("-x",), (0, 0, 0)),
+        (["--max-cpu=0", "true"], "true", (), (0, 0, 0)),
+    ],
+)
+def test_create_splits_at_the_command(
+    argv: list[str], command: str, args: tuple[str, ...], limits: tuple[int, int, int]
+) -> None:
+    result = parsed("create", *argv)
+    assert (result.name, result.command, result.args) == ("create", command, args)
+    assert (result.max_cpu, result.max_memory, result.max_iobps) == limits
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["create"],
+        ["create", "--max-cpu=50"],
+        ["create", "--max-cpu=lots", "echo"],
+        ["create", "--max-cpu=-1", "echo"],
+        ["create", f"--max-memory={2**31}", "echo"],
+        ["create", ""],
+        ["create", "--unknown", "echo"],
+    ],
+)
+def test_create_usage_errors(argv: list[str]) -> None:
+    with pytest.raises(UsageError) as caught:
+        parsed(*argv)
+    assert caught.value.command == "create"
+
+
+# -- get / list / stop / stream --------------------------------------------------------------
+
+
+def test_get_stop_take_one_id() -> None:
+    assert parsed("get", "7").job_id == "7"
+    assert parsed("stop", "12").job_id == "12"
+    assert parsed("list").name == "list"
+    for argv in (["get"], ["stop"], ["get", "1", "2"], ["list", "x"]):
+        with pytest.raises(UsageError):
+            parsed(*argv)
+
+
+@pytest.mark.parametrize(
+    ("argv", "follow"),
+    [
+        (["1"], True),
+        (["1", "--follow"], True),
+        (["--follow", "1"], True),  # a bare --follow takes no value: 1 is the id
+        (["-f", "1"], True),
+        (["--follow=true", "1"], True),
+        (["--follow=TRUE", "1"], True),
+        (["--follow=1", "1"], True),
+        (["-f=true", "1"], True),
+        (["--follow=false", "1"], False),
+        (["1", "--follow=false"], False),
+        (["--follow=False", "1"], False),
+        (["--follow=0", "1"], False),
+        (["--no-follow", "1"], False),
+    ],
+)
+def test_stream_follow_spellings(argv: list[str], follow: bool) -> None:
+    result = parsed("stream", *argv)
+    assert (result.job_id, result.follow) == ("1", follow)
+
+
+def test_stream_follow_rewrite_only_touches_the_stream_command() -> None:
+    # a job argument that looks like the flag is left alone
+    assert parsed("create", "echo", "--follow=false").args == ("--follow=false",)
+    # and so is anything after "--" in stream
+    assert parsed("stream", "--", "--follow=false").job_id == "--follow=false"
+
+
+@pytest.mark.parametrize(
+    "argv", [["--follow=maybe", "1"], ["--follow", "--no-follow", "1"], ["--follow="]]
+)
+def test_stream_follow_errors(argv: list[str]) -> None:
+    with pytest.raises(UsageError) as caught:
+        parsed("stream", *argv)
+    assert caught.value.command == "stream"
+
+
+# -- output format ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "output"),
+    [
+        (["list"], "text"),
+        (["-o", "json", "list"], "json"),
+        (["--output=json", "list"], "json"),
+        (["list", "-o", "json"], "json"),
+        (["get", "--output", "json", "1"], "json"),
+        (["-o", "json", "get", "-o", "text", "1"], "text"),  # the command's own flag wins
+        (["-o", "json", "get", "1"], "json"),  # the command's default does not undo the global
+        (["create", "-o", "json", "echo", "-o", "text"], "json"),  # the job's -o is the job's
+        (["stream", "-o", "json", "1"], "json"),
+    ],
+)
+def test_output_is_accepted_globally_and_per_command(argv: list[str], output: str) -> None:
+    assert parsed(*argv).output == output
+
+
+def test_unknown_output_format_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match="invalid choice"):
+        parsed("list", "-o", "yaml")
+
+
+# -- connection settings: flags > environment > defaults -------------------------------------
+
+
+def test_defaults() -> None:
+    connection = parsed("list").connection
+    assert connection.server == DEFAULT_SERVER == "localhost:50051"
+    assert (connection.cert, connection.key, connection.ca) == (
+        "certs/client-cert.pem",
+        "certs/client-key.pem",
+        "certs/ca-cert.pem",
+    )
+    assert connection.timeout == 5.0
+
+
+def test_environment_beats_defaults() -> None:
+    env = {"JOB_WORKER_SERVER": "prod.example.com:50051", "JOB_WORKER_CERT_PATH": "./mycerts"}
+    connection = parsed("list", env=env).connection
+    assert connection.server == "prod.example.com:50051"
+    assert (connection.cert, connection.key, connection.ca) == (
+        "mycerts/client-cert.pem",
+        "mycerts/client-key.pem",
+        "mycerts/ca-cert.pem",
+    )
+
+
+def test_flags_beat_environment() -> None:
+    env = {"JOB_WORKER_SERVER": "env:1", "JOB_WORKER_CERT_PATH": "/env"}
+    result = parsed(
+        "--server=prod.example.com:50051",
+        "--cert=certs/admin-client-cert.pem",
+        "--key",
+        "certs/admin-client-key.pem",
+        "--timeout",
+        "2.5",
+        "create",
+        "echo",
+        "remote job",
+        env=env,
+    )
+    connection = result.connection
+    assert connection.server == "prod.example.com:50051"
+    assert connection.cert == "certs/admin-client-cert.pem"
+    assert connection.key == "certs/admin-client-key.pem"
+    assert connection.ca == "/env/ca-cert.pem"  # not given as a flag: from the environment
+    assert connection.timeout == 2.5
+    assert (result.command, result.args) == ("echo", ("remote job",))
+
+
+def test_empty_environment_values_are_ignored() -> None:
+    connection = parsed(
+        "list", env={"JOB_WORKER_SERVER": " ", "JOB_WORKER_CERT_PATH": ""}
+    ).connection
+    assert connection.server == DEFAULT_SERVER
+    assert connection.cert == "certs/client-cert.pem"
+
+
+@pytest.mark.parametrize(
+    ("argv", "env"),
+    [
+        (["--server", "host:http", "list"], NO_ENV),
+        (["--server", "[::1", "list"], NO_ENV),
+        (["list"], {"JOB_WORKER_SERVER": "host:0"}),
+        (["--timeout", "0", "list"], NO_ENV),
+        (["--timeout", "-1", "list"], NO_ENV),
+        (["--timeout", "soon", "list"], NO_ENV),
+        (["--timeout", "inf", "list"], NO_ENV),
+    ],
+)
+def test_bad_connection_settings_are_usage_errors(argv: list[str], env: dict[str, str]) -> None:
+    with pytest.raises(UsageError):
+        parsed(*argv, env=env)
+
+
+def test_global_flags_go_before_the_command() -> None:
+    with pytest.raises(UsageError):
+        parsed("list", "--server", "x:1")
+
+
+# -- main(): exit codes without a server -----------------------------------------------------
+
+
+def test_main_usage_error_is_exit_2_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["get"]) == EXIT_USAGE
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        "Error: the following arguments are required: <job-id> (see 'jobworker get --help')\n"
+    )
+
+
+def test_main_help_and_version_are_exit_0(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    assert "usage: jobworker" in capsys.readouterr().out
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("jobworker ")
+
+
+# -- server addresses ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "host", "port", "shown"),
+    [
+        ("localhost:50051", "localhost", 50051, "localhost:50051"),
+        ("prod.example.com", "prod.example.com", 50051, "prod.example.com:50051"),
+        ("127.0.0.1:7", "127.0.0.1", 7, "127.0.0.1:7"),
+        ("[::1]:50052", "::1", 50052, "[::1]:50052"),
+        ("[::1]", "::1", 50051, "[::1]:50051"),
+        ("::1", "::1", 50051, "[::1]:50051"),
+        (" host:1 ", "host", 1, "host:1"),
+    ],
+)
+def test_server_address_forms(text: str, host: str, port: int, shown: str) -> None:
+    address = parse_server(text)
+    assert address == ServerAddress(host, port)
+    assert str(address) == shown
+
+
+@pytest.mark.parametrize(
+    "text", ["", ":50051", "host:", "host:0", "host:65536", "host:x", "[::1", "[::1]x", "[]:1"]
+)
+def test_bad_server_addresses(text: str) -> None:
+    with pytest.raises(ValueError, match=r"server address"):
+        parse_server(text)
+
+
+# -- grpc-timeout ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("seconds", "header"),
+    [
+        (5.0, "5000000u"),
+        (0.3, "300000u"),
+        (0.0000001, "1u"),
+        (0.0, "1u"),
+        (99.999999, "99999999u"),
+        (100.0, "100000m"),
+        (86400.0, "86400000m"),
+        (10**6, "1000000S"),
+        (10**9, "16666667M"),
+    ],
+)
+def test_grpc_timeout_fits_eight_digits_and_never_shortens(seconds: float, header: str) -> None:
+    assert encode_grpc_timeout(seconds) == header
+    digits = header[:-1]
+    assert len(digits) <= 8
+
+
+# -- rendering -------------------------------------------------------------------------------
+
+
+def test_render_blocks_match_the_spec() -> None:
+    created = worker_pb2.CreateJobRes(
+        id="1",
+        command="python3",
+        args=["script.py"],
+        status="RUNNING",
+        startTime="2024-01-15T10:30:00Z",
+    )
+    assert render.created(created) == (
+        "Job created:\nID: 1\nCommand: python3 script.py\nStatus: RUNNING\n"
+        "StartTime: 2024-01-15T10:30:00Z\n"
+    )
+    running = worker_pb2.GetJobRes(
+        id="1",
+        command="python3",
+        args=["script.py"],
+        maxCPU=50,
+        maxMemory=512,
+        status="RUNNING",
+        startTime="2024-01-15T10:30:00Z",
+    )
+    assert render.job_details(running) == (
+        "Id: 1\nCommand: python3 script.py\nStatus: RUNNING\nStarted At: 2024-01-15T10:30:00Z\n"
+        "Ended At: \nMaxCPU: 50\nMaxMemory: 512\nMaxIOBPS: 0\n"
+    )
+    jobs = [
+        worker_pb2.Job(
+            id="1",
+            status="COMPLETED",
+            startTime="2024-01-15T10:30:00Z",
+            command="echo",
+            args=["hello"],
+        ),
+        worker_pb2.Job(
+            id="3", status="FAILED", startTime="2024-01-15T10:40:00Z", command="invalid-command"
+        ),
+    ]
+    assert render.job_list(jobs) == (
+        "1 COMPLETED StartTime: 2024-01-15T10:30:00Z Command: echo hello\n"
+        "3 FAILED StartTime: 2024-01-15T10:40:00Z Command: invalid-command\n"
+    )
+    stopped = worker_pb2.StopJobRes(id="1", status="STOPPED")
+    assert render.stopped(stopped) == "Job stopped successfully:\nID: 1\nStatus: STOPPED\n"
+
+
+def test_render_quotes_arguments_like_a_shell() -> None:
+    assert render.command_line("bash", ["-c", "sleep 10 && echo done"]) == (
+        "bash -c 'sleep 10 && echo done'"
+    )
+    assert render.command_line("echo", ["it's"]) == "echo 'it'\"'\"'s'"
+
+
+@pytest.mark.parametrize("status", ["COMPLETED", "FAILED", "STOPPED", "LOST"])
+def test_exit_code_line_once_ended(status: str) -> None:
+    job = worker_pb2.GetJobRes(id="2", command="false", status=status, exitCode=1)
+    assert render.job_details(job).endswith("MaxIOBPS: 0\nExitCode: 1\n")
+
+
+def test_json_uses_proto_names_in_proto_order_with_defaults() -> None:
+    job = worker_pb2.Job(id="4", command="sleep", args=["1"], status="RUNNING")
+    assert render.as_dict(job) == {
+        "id": "4",
+        "command": "sleep",
+        "args": ["1"],
+        "maxCPU": 0,
+        "maxMemory": 0,
+        "maxIOBPS": 0,
+        "status": "RUNNING",
+        "startTime": "",
+        "endTime": "",
+        "exitCode": 0,
+    }
+    assert list(render.as_dict(job)) == [f.name for f in job.DESCRIPTOR.fields]
+    assert render.as_json([]) == "[]\n"
