@@ -217,7 +217,8 @@ class V1Controller:
 
     def ensure_roots(self) -> None:
         for root in self.roots():
-            root.mkdir(exist_ok=True)
+            # root_name may be nested ("jobworker/<instance>"): make the shared parent too.
+            root.mkdir(parents=True, exist_ok=True)
 
     def io_devices(self) -> list[str]:
         if self._io_devices is None:

@@ -184,7 +184,7 @@ class V2Controller:
     def setup(self) -> None:
         """Move our cgroup's processes into the server leaf, enable controllers down to
         ``<root_name>`` (OSError if the kernel refuses)."""
-        self.root.mkdir(exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True)
         if not self.controllers:
             return
         if not self._is_tree_root:
@@ -196,8 +196,13 @@ class V2Controller:
                     cgfs.write_file(leaf / "cgroup.procs", pid)
                 except ProcessLookupError:
                     continue  # exited meanwhile
-        cgfs.write_file(self.own_dir / "cgroup.subtree_control", self._enable_line())
-        cgfs.write_file(self.root / "cgroup.subtree_control", self._enable_line())
+        # Enable the controllers at every level from our own cgroup down to the root of the
+        # job cgroups (root_name may be nested: "jobworker/<instance>").
+        level = self.own_dir
+        cgfs.write_file(level / "cgroup.subtree_control", self._enable_line())
+        for part in Path(self.root_name).parts:
+            level = level / part
+            cgfs.write_file(level / "cgroup.subtree_control", self._enable_line())
 
     def io_devices(self) -> list[str]:
         if self._io_devices is None:

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 import trio
+from conftest import skip_unless
 
 from jobworker.cgroups import cgfs
 from jobworker.cgroups.base import Limits
 from jobworker.cgroups.v1 import V1Controller, V1JobCgroup
 from jobworker.errors import LimitRefused
 
+from .conftest import _v1_usable, v1_layout
 from .helpers import TEST_ROOT, alive, descendants, poll_until, spawn
 
 pytestmark = pytest.mark.cgroups
@@ -283,3 +285,33 @@ async def test_sweep_kills_and_removes_leftovers(v1: V1Controller) -> None:
     finally:
         leftover.kill()
         leftover.wait()
+
+
+async def test_instances_sweep_only_their_own_subtree() -> None:
+    """Two servers on one host (one data dir each) have sibling subtrees under the shared
+    root; a starting server's sweep must not touch the other's jobs."""
+    skip_unless(_v1_usable(), "needs root and the cgroup v1 hierarchies")
+    mine = V1Controller(v1_layout(), root_name=f"{TEST_ROOT}/mine")
+    theirs = V1Controller(v1_layout(), root_name=f"{TEST_ROOT}/theirs")
+    parent = V1Controller(v1_layout(), root_name=TEST_ROOT)
+    try:
+        mine.probe()
+        theirs.probe()
+        cg = theirs.create("1", Limits())
+        proc = await trio.lowlevel.open_process(cg.wrap_argv(["sleep", "30"]))
+        try:
+            await poll_until(lambda: cg.pids() != [], 5, "the job in its cgroup")
+            assert await mine.sweep() == []
+            assert proc.returncode is None
+            assert cg.pids() != []
+            assert await theirs.sweep() == ["1"]
+            await proc.wait()
+        finally:
+            proc.kill()
+            await proc.wait()
+    finally:
+        with trio.move_on_after(10, shield=True):
+            for ctl in (mine, theirs):
+                await ctl.sweep()
+                await ctl.remove_roots()
+            await parent.remove_roots()

@@ -160,3 +160,17 @@ async def test_wait_oom_wakes_on_memory_events_change(fake_mount: Path) -> None:
         events.write_text("oom 1\noom_kill 1\n")
         with trio.fail_after(5):
             await woke.wait()
+
+
+def test_nested_root_enables_controllers_at_every_level(
+    fake_mount: Path, writes: list[tuple[str, str]]
+) -> None:
+    """One subtree per server instance ("jobworker/<instance>"): controllers reach it."""
+    ctl = V2Controller(Hierarchy(frozenset(), fake_mount, "/"), root_name="jobworker/abc123")
+    ctl.setup()
+    assert relative(writes, fake_mount) == [
+        ("cgroup.subtree_control", "+cpu +io +memory +pids"),
+        ("jobworker/cgroup.subtree_control", "+cpu +io +memory +pids"),
+        ("jobworker/abc123/cgroup.subtree_control", "+cpu +io +memory +pids"),
+    ]
+    assert ctl.root == fake_mount / "jobworker" / "abc123"
