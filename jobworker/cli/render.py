@@ -6,8 +6,8 @@ import json
 import shlex
 from collections.abc import Sequence
 
-from google.protobuf import json_format  # type: ignore[import-untyped]
-from google.protobuf.message import Message  # type: ignore[import-untyped]
+from google.protobuf import json_format
+from google.protobuf.message import Message
 
 from jobworker.api import worker_pb2
 

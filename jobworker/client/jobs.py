@@ -25,7 +25,7 @@ from types import TracebackType
 from typing import Protocol, Self, TypeVar
 
 import trio
-from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
+from google.protobuf.message import DecodeError
 
 from jobworker.api import worker_pb2
 from jobworker.client.address import ServerAddress, parse_server

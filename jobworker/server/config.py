@@ -1,0 +1,57 @@
+"""The server's configuration, as parsed from the command line (see main.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from jobworker.cgroups.base import DEFAULT_PIDS_MAX
+from jobworker.cgroups.detect import CgroupMode
+from jobworker.server.transport import GRPC_MESSAGE_PREFIX
+
+DEFAULT_PORT = 50051  # the spec's port
+DEFAULT_HANDSHAKE_TIMEOUT_S = 5.0  # a TLS handshake takes ms; this is for slow links, not stalls
+DEFAULT_STOP_GRACE_S = 0.1  # the spec: SIGKILL 100 ms after SIGTERM
+DEFAULT_MAX_CONCURRENT_STREAMS = 100  # per connection; grpc-go's default is 100 too
+DEFAULT_MAX_CONNECTIONS = 1000  # well under the default fd limit of 1024 + our own files
+DEFAULT_IDLE_TIMEOUT_S = 300.0  # a connection with no RPC for this long is closed (GOAWAY)
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # grpc's default receive limit
+# The connection window holds this many maximal requests in flight before the client waits.
+CONNECTION_WINDOW_MESSAGES = 2
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """Per-connection limits (the hardening knobs)."""
+
+    max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S
+
+    @property
+    def stream_window(self) -> int:
+        """Inbound HTTP/2 window per stream: one maximal request fits. A message's bytes are
+        only acknowledged once the whole message is parsed, so a smaller window could never
+        deliver a maximal request."""
+        return self.max_message_bytes + GRPC_MESSAGE_PREFIX
+
+    @property
+    def connection_window(self) -> int:
+        """Inbound window per connection: bounds the request bytes buffered per connection."""
+        return CONNECTION_WINDOW_MESSAGES * self.stream_window
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything serve() needs."""
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    certs_dir: Path = Path("certs")
+    data_dir: Path = Path("var")
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT_S
+    stop_grace: float = DEFAULT_STOP_GRACE_S
+    cgroups: CgroupMode = "auto"
+    pids_max: int = DEFAULT_PIDS_MAX
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    limits: ConnectionLimits = field(default_factory=ConnectionLimits)

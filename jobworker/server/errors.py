@@ -1,0 +1,72 @@
+"""The one table from errors to gRPC status codes, and the translation at the RPC edge.
+
+Only JobWorkerError messages (written for people) and our own fixed messages reach a
+client. Anything else becomes INTERNAL ``internal error`` and its traceback goes to the
+server log, never to the client.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from purerpc.grpclib.exceptions import RpcFailedError
+from purerpc.grpclib.status import Status, StatusCode
+
+from jobworker.errors import (
+    InvalidJobSpec,
+    JobNotFound,
+    JobNotRunning,
+    JobStartFailed,
+    JobWorkerError,
+    PermissionDenied,
+    Unauthenticated,
+)
+
+log = logging.getLogger(__name__)
+
+INTERNAL_MESSAGE = "internal error"  # all a client learns about an unexpected failure
+
+# Error class -> status code. Looked up along the exception's MRO, so subclasses
+# (CommandNotFound, LimitRefused, ...) inherit their parent's code.
+STATUS_TABLE: dict[type[JobWorkerError], StatusCode] = {
+    JobNotFound: StatusCode.NOT_FOUND,
+    JobNotRunning: StatusCode.FAILED_PRECONDITION,
+    InvalidJobSpec: StatusCode.INVALID_ARGUMENT,
+    PermissionDenied: StatusCode.PERMISSION_DENIED,
+    Unauthenticated: StatusCode.UNAUTHENTICATED,
+    JobStartFailed: StatusCode.INTERNAL,  # its message is written to be safe to show
+}
+
+
+class RpcError(Exception):
+    """Raised by our own server code to end an RPC with a given status (fixed message)."""
+
+    def __init__(self, code: StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.status = Status(code, message)
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """Strip single-leaf exception groups (anyio 4 / Trio nurseries wrap errors in them)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def status_for(exc: Exception) -> Status:
+    """The status a client sees for ``exc``. Logs the traceback of anything unexpected."""
+    leaf = unwrap(exc)
+    if isinstance(leaf, RpcError):
+        return leaf.status
+    if isinstance(leaf, JobWorkerError):
+        for cls in type(leaf).__mro__:
+            code = STATUS_TABLE.get(cls)
+            if code is not None:
+                return Status(code, str(leaf))
+    if isinstance(leaf, RpcFailedError):
+        # purerpc's own errors carry a status; their messages are fixed strings of ours
+        # or purerpc's (never a repr), so they can pass through.
+        status: Status = leaf.status
+        return status
+    log.error("unexpected error in an RPC", exc_info=exc)
+    return Status(StatusCode.INTERNAL, INTERNAL_MESSAGE)

@@ -1,0 +1,263 @@
+"""One client connection: every RPC on it is authorized, bounded in time, mapped to a status
+and audited here.
+
+This replaces purerpc's ConnectionHandler (both of its methods would be overridden, so it
+is not subclassed); it drives our ServerSocket (transport.py). Per RPC, in this order:
+service/method lookup (UNIMPLEMENTED), the role table (PERMISSION_DENIED, before anything
+else runs), request parsing (RESOURCE_EXHAUSTED / INVALID_ARGUMENT), the servicer call, the
+status. Each RPC runs in its own cancel scope, cancelled by the client's RST_STREAM, by
+its grpc-timeout (DEADLINE_EXCEEDED) or by the server closing the connection (UNAVAILABLE).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import ssl
+from dataclasses import dataclass
+
+import anyio
+import h2.exceptions
+import trio
+from google.protobuf.message import DecodeError, Message
+from purerpc.grpclib.config import GRPCConfiguration
+from purerpc.grpclib.events import MessageReceived, RequestEnded, RequestReceived
+from purerpc.grpclib.status import Status, StatusCode
+
+from jobworker.server.auth import authorize, operation_name
+from jobworker.server.config import ConnectionLimits
+from jobworker.server.errors import RpcError, status_for, unwrap
+from jobworker.server.identity import Identity, current_identity
+from jobworker.server.service import SERVICE_NAME, Method
+from jobworker.server.tls import Peer
+from jobworker.server.transport import BadRequestMessage, ServerSocket, ServerStream
+
+log = logging.getLogger(__name__)
+audit_log = logging.getLogger("jobworker.audit")
+
+STATUS_SEND_TIMEOUT_S = 1.0  # shielded: queueing trailers never waits on the peer, this is slack
+FINAL_FLUSH_TIMEOUT_S = 2.0  # after the last RPC: time for the trailers/GOAWAY to reach the peer
+DRAIN_TIMEOUT_S = 2.0  # graceful close: cancelled RPCs get this long to send their status
+CLOSE_TIMEOUT_S = 1.0  # shielded socket close
+# What a vanished or misbehaving peer raises from the socket: logged as one line, not a bug.
+TRANSPORT_ERRORS = (
+    OSError,
+    ssl.SSLError,
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+    anyio.EndOfStream,
+)
+
+
+@dataclass
+class CallRecord:
+    """What the audit line says about one RPC."""
+
+    method: str
+    job_id: str = ""
+    code: StatusCode = StatusCode.CANCELLED  # until proven otherwise (connection lost)
+
+
+class ConnectionHandler:
+    """Serves the RPCs of one connection. One instance serves every connection."""
+
+    def __init__(self, methods: dict[str, Method], limits: ConnectionLimits) -> None:
+        self._methods = methods
+        self._limits = limits
+        self._config = GRPCConfiguration(
+            client_side=False, max_message_length=limits.max_message_bytes
+        )
+
+    async def __call__(self, peer: Peer, closing: trio.Event, remote: str) -> None:
+        """Serve ``peer`` until it disconnects, breaks the protocol, stays idle too long, or
+        ``closing`` is set (server shutdown: RPCs end with UNAVAILABLE, then GOAWAY).
+
+        On cancellation every RPC task is cancelled and the socket is closed; nothing of the
+        connection survives this call.
+        """
+        current_identity.set(peer.identity)  # inherited by every RPC task spawned below
+        sock = ServerSocket(
+            self._config,
+            peer.stream,
+            max_concurrent_streams=self._limits.max_concurrent_streams,
+            stream_window=self._limits.stream_window,
+            connection_window=self._limits.connection_window,
+        )
+        why = "closed"
+        try:
+            with trio.CancelScope() as connection_scope:
+                async with sock:
+                    try:
+                        async with trio.open_nursery() as nursery:
+
+                            def spawn(stream: ServerStream) -> None:
+                                nursery.start_soon(self._serve_rpc, sock, stream, peer.identity)
+
+                            nursery.start_soon(
+                                self._close_gracefully_when_due, sock, closing, nursery
+                            )
+                            why = await sock.run(spawn)
+                            nursery.cancel_scope.cancel()  # the peer is gone: cancel its RPCs
+                    finally:
+                        # Leaving ``sock`` flushes what is queued (trailers, GOAWAY): bounded,
+                        # for a peer that stopped reading.
+                        connection_scope.deadline = trio.current_time() + FINAL_FLUSH_TIMEOUT_S
+            if connection_scope.cancelled_caught:
+                why = f"{why}; final flush timed out"
+        except Exception as exc:  # the connection edge: a broken socket, a failed write
+            leaf = unwrap(exc)
+            if isinstance(leaf, TRANSPORT_ERRORS):
+                why = f"connection lost ({leaf.__class__.__name__})"
+            else:
+                log.exception("unexpected error on the connection from %s", remote)
+                why = "internal error"
+        finally:
+            with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
+                await anyio.aclose_forcefully(peer.stream)
+            if sock.close_reason:
+                why = sock.close_reason
+            level = logging.INFO if sock.protocol_error else logging.DEBUG
+            log.log(level, "connection from %s (%s) ended: %s", remote, peer.identity.name, why)
+
+    async def _close_gracefully_when_due(
+        self, sock: ServerSocket, closing: trio.Event, nursery: trio.Nursery
+    ) -> None:
+        """Close the connection when the server shuts down or no RPC ran for idle_timeout:
+        GOAWAY (no new RPC), cancel running RPCs (they answer UNAVAILABLE), wait for them
+        (bounded), then end the connection."""
+        idle = self._limits.idle_timeout
+        while True:
+            now = trio.current_time()
+            if closing.is_set():
+                sock.close_reason = "server shutting down"
+                break
+            due = sock.last_activity + idle
+            if not sock.streams and now >= due:
+                sock.close_reason = f"idle for {idle:g}s"
+                log.info("closing idle connection (%s)", current_identity_name())
+                break
+            with trio.move_on_at(due if now < due else now + idle):
+                await closing.wait()
+        await sock.send_goaway()
+        for stream in list(sock.streams.values()):
+            stream.cancel(closing=True)
+        with trio.move_on_after(DRAIN_TIMEOUT_S):
+            await sock.wait_no_streams()
+        nursery.cancel_scope.cancel()
+
+    async def _serve_rpc(
+        self, sock: ServerSocket, stream: ServerStream, identity: Identity
+    ) -> None:
+        """Run one RPC to its end, whatever the client does; always forget the stream and
+        write the audit line. Cancelled with the connection (the audit says CANCELLED)."""
+        started = trio.current_time()
+        call = CallRecord(method="?")
+        try:
+            first = await stream.next_event()  # RequestReceived: queued before this task started
+            assert isinstance(first, RequestReceived)
+            call.method = first.method_name
+            status: Status | None = None
+            with trio.CancelScope() as rpc_scope:
+                stream.cancel_scope = rpc_scope
+                if stream.reset_by_peer or stream.closing:  # happened before we got here
+                    rpc_scope.cancel()
+                timeout = first.timeout.total_seconds() if first.timeout is not None else math.inf
+                with trio.move_on_after(max(timeout, 0.0)) as deadline_scope:
+                    status = await self._call(stream, first, identity, call)
+            if deadline_scope.cancelled_caught:
+                status = Status(StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+            elif rpc_scope.cancelled_caught:
+                status = (
+                    Status(StatusCode.CANCELLED, "cancelled by the client")
+                    if stream.reset_by_peer
+                    else Status(StatusCode.UNAVAILABLE, "server is closing the connection")
+                )
+            assert status is not None
+            call.code = status.status_code
+            if not stream.reset_by_peer and not stream.locally_closed:
+                with (
+                    trio.move_on_after(STATUS_SEND_TIMEOUT_S, shield=True),
+                    contextlib.suppress(h2.exceptions.H2Error),  # reset meanwhile: nobody to tell
+                ):
+                    await stream.close(status)
+        finally:
+            sock.forget(stream)
+            _audit(identity, call, trio.current_time() - started)
+
+    async def _call(
+        self, stream: ServerStream, request: RequestReceived, identity: Identity, call: CallRecord
+    ) -> Status:
+        """Authorize, parse, run the servicer, send the response; return the final status.
+
+        Every Exception is turned into a status here (the RPC edge); Cancelled propagates.
+        """
+        try:
+            method = self._lookup(request)
+            authorize(identity, request.method_name)
+            message = await self._read_request(stream, method.request_type)
+            call.job_id = str(getattr(message, "id", ""))
+
+            async def send(response: Message) -> None:
+                if not stream.response_started:
+                    await stream.start_response()
+                await stream.send_message(response)
+
+            if method.unary is not None:
+                response = await method.unary(message)
+                call.job_id = call.job_id or str(getattr(response, "id", ""))
+                await send(response)
+            elif method.stream is not None:
+                await method.stream(message, send)
+            return Status(StatusCode.OK)
+        except Exception as exc:
+            return status_for(exc)
+
+    def _lookup(self, request: RequestReceived) -> Method:
+        method = self._methods.get(request.method_name)
+        if request.service_name != SERVICE_NAME or method is None:
+            raise RpcError(
+                StatusCode.UNIMPLEMENTED,
+                f"unknown method {request.service_name}/{request.method_name}",
+            )
+        return method
+
+    async def _read_request(self, stream: ServerStream, request_type: type[Message]) -> Message:
+        """The single request message of a unary-request RPC."""
+        data: bytes | None = None
+        while True:
+            event = await stream.next_event()
+            if isinstance(event, BadRequestMessage):
+                raise RpcError(event.code, event.message)
+            if isinstance(event, MessageReceived):
+                if data is not None:
+                    raise RpcError(StatusCode.INVALID_ARGUMENT, "expected one request message")
+                data = event.data
+            elif isinstance(event, RequestEnded):
+                break
+        if data is None:
+            raise RpcError(StatusCode.INVALID_ARGUMENT, "expected one request message")
+        try:
+            return request_type.FromString(data)
+        except DecodeError:
+            raise RpcError(StatusCode.INVALID_ARGUMENT, "malformed request message") from None
+
+
+def current_identity_name() -> str:
+    identity = current_identity.get()
+    return identity.name if identity is not None else "?"
+
+
+def _audit(identity: Identity, call: CallRecord, elapsed: float) -> None:
+    level = logging.WARNING if call.code == StatusCode.PERMISSION_DENIED else logging.INFO
+    audit_log.log(
+        level,
+        "rpc identity=%s role=%s method=%s op=%s job=%s outcome=%s duration_ms=%.1f",
+        identity.name,
+        identity.role_label,
+        call.method,
+        operation_name(call.method),
+        call.job_id or "-",
+        call.code.name,
+        elapsed * 1000,
+    )

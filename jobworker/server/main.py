@@ -1,0 +1,254 @@
+"""``jobworker-server``: command-line flags, logging, and the exit codes.
+
+Exit codes: 0 after a graceful shutdown; 2 for a configuration problem (bad flag,
+unreadable certificates, ``--cgroups require`` on a host without usable cgroups);
+1 when the address cannot be bound; 130 when a second signal forced the exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+import trio
+
+from jobworker.cgroups.base import DEFAULT_PIDS_MAX
+from jobworker.cgroups.detect import CgroupsUnavailable
+from jobworker.server import config as cfg
+from jobworker.server.app import DataDirBusy, ListenError, serve
+from jobworker.server.errors import unwrap
+from jobworker.server.tls import CertificateError, build_server_context
+
+EXIT_CONFIG = 2  # argparse's code for usage errors; the same for every configuration problem
+EXIT_RUNTIME = 1
+
+Address = tuple[str, int]
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]
+
+
+class OneLineFormatter(logging.Formatter):
+    """``<UTC timestamp> <LEVEL> <logger> <message>``, always one line per record (a
+    traceback is folded onto the same line with `` | `` separators)."""
+
+    def converter(self, timestamp: float | None) -> time.struct_time:
+        return time.gmtime(timestamp)
+
+    def __init__(self) -> None:
+        super().__init__(
+            "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s %(message)s",
+            datefmt="%Y-%m-%dT%H:%M:%S",
+        )
+
+    def formatException(self, ei: ExcInfo) -> str:
+        return " | ".join(super().formatException(ei).splitlines())
+
+    def format(self, record: logging.LogRecord) -> str:
+        return " | ".join(super().format(record).splitlines())
+
+
+def parse_listen(value: str) -> Address:
+    """``HOST:PORT`` or ``[IPV6]:PORT`` -> (host, port)."""
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise argparse.ArgumentTypeError(f"expected [HOST]:PORT, got {value!r}")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = value.rpartition(":")
+        if not sep or ":" in host:
+            raise argparse.ArgumentTypeError(
+                f"expected HOST:PORT (IPv6 as [ADDR]:PORT), got {value!r}"
+            )
+    if not host:
+        raise argparse.ArgumentTypeError(f"missing host in {value!r}")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port in {value!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port out of range in {value!r}")
+    return host, port
+
+
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0: {value!r}")
+    return number
+
+
+def _non_negative_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not number >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {value!r}")
+    return number
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0: {value!r}")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jobworker-server",
+        description="Run Linux commands as jobs under resource limits, over gRPC with mTLS.",
+    )
+    parser.add_argument(
+        "--listen",
+        type=parse_listen,
+        default=("127.0.0.1", cfg.DEFAULT_PORT),
+        metavar="HOST:PORT",
+        help="address to listen on, only this one ([::1]:PORT for IPv6; port 0 picks one) "
+        f"(default 127.0.0.1:{cfg.DEFAULT_PORT})",
+    )
+    parser.add_argument(
+        "--certs-dir",
+        type=Path,
+        default=Path("certs"),
+        metavar="DIR",
+        help="directory with ca-cert.pem, server-cert.pem, server-key.pem (default certs)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path("var"),
+        metavar="DIR",
+        help="job records and output (default ./var)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="(default INFO)",
+    )
+    parser.add_argument(
+        "--handshake-timeout",
+        type=_positive_float,
+        default=cfg.DEFAULT_HANDSHAKE_TIMEOUT_S,
+        metavar="SECONDS",
+        help="drop a connection whose TLS handshake takes longer (default %(default)s)",
+    )
+    parser.add_argument(
+        "--stop-grace",
+        type=_non_negative_float,
+        default=cfg.DEFAULT_STOP_GRACE_S,
+        metavar="SECONDS",
+        help="time between SIGTERM and SIGKILL when stopping a job (default %(default)s)",
+    )
+    parser.add_argument(
+        "--cgroups",
+        choices=["auto", "require", "off"],
+        default="auto",
+        help="resource control: auto (cgroups if usable, else a loud warning), require, off "
+        "(default auto)",
+    )
+    parser.add_argument(
+        "--pids-max",
+        type=_positive_int,
+        default=DEFAULT_PIDS_MAX,
+        metavar="N",
+        help="max processes per job (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-concurrent-streams",
+        type=_positive_int,
+        default=cfg.DEFAULT_MAX_CONCURRENT_STREAMS,
+        metavar="N",
+        help="concurrent RPCs per connection, advertised and enforced (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=cfg.DEFAULT_MAX_CONNECTIONS,
+        metavar="N",
+        help="open connections; more are closed at once (default %(default)s)",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=_positive_float,
+        default=cfg.DEFAULT_IDLE_TIMEOUT_S,
+        metavar="SECONDS",
+        help="close a connection with no RPC for this long (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-message-bytes",
+        type=_positive_int,
+        default=cfg.DEFAULT_MAX_MESSAGE_BYTES,
+        metavar="N",
+        help="largest request message accepted (default %(default)s)",
+    )
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> cfg.ServerConfig:
+    host, port = args.listen
+    return cfg.ServerConfig(
+        host=host,
+        port=port,
+        certs_dir=args.certs_dir,
+        data_dir=args.data_dir,
+        handshake_timeout=args.handshake_timeout,
+        stop_grace=args.stop_grace,
+        cgroups=args.cgroups,
+        pids_max=args.pids_max,
+        max_connections=args.max_connections,
+        limits=cfg.ConnectionLimits(
+            max_concurrent_streams=args.max_concurrent_streams,
+            max_message_bytes=args.max_message_bytes,
+            idle_timeout=args.idle_timeout,
+        ),
+    )
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # h2 and hpack log every frame at DEBUG: far too much even for --log-level DEBUG.
+    for noisy in ("h2", "hpack", "purerpc"):
+        logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLevelName(level)))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``jobworker-server``; exits the process."""
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    config = config_from_args(args)
+    try:
+        ssl_context = build_server_context(config.certs_dir)
+    except CertificateError as exc:
+        print(f"jobworker-server: {exc}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    try:
+        trio.run(serve, config, ssl_context)
+    except Exception as exc:
+        leaf = unwrap(exc)
+        if isinstance(leaf, CgroupsUnavailable | DataDirBusy):
+            print(f"jobworker-server: {leaf}", file=sys.stderr)
+            sys.exit(EXIT_CONFIG)
+        if isinstance(leaf, ListenError):
+            print(f"jobworker-server: {leaf}", file=sys.stderr)
+            sys.exit(EXIT_RUNTIME)
+        logging.getLogger("jobworker.server").critical("server failed", exc_info=exc)
+        sys.exit(EXIT_RUNTIME)
+    sys.exit(0)

@@ -1,0 +1,103 @@
+"""The servicer: the only place that converts between protobuf messages and engine objects.
+
+Each RPC is a plain method; errors are raised as jobworker.errors and mapped to status
+codes by the connection handler (jobworker.server.errors). Role checks are not done
+here: the handler applies the role table before any of these runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf.message import Message
+
+from jobworker.api import worker_pb2 as pb
+from jobworker.engine import JobManager, JobRecord, JobSpec, rfc3339
+
+SERVICE_NAME = "job_worker.JobService"  # package.service in protos/worker.proto
+STREAM_CHUNK_BYTES = 64 * 1024  # DataChunk payload limit promised by the API
+
+SendMessage = Callable[[Message], Awaitable[None]]
+UnaryCall = Callable[[Any], Awaitable[Message]]
+StreamCall = Callable[[Any, SendMessage], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One RPC: its request type and either a unary call or a server-streaming call."""
+
+    request_type: type[Message]
+    unary: UnaryCall | None = None
+    stream: StreamCall | None = None
+
+
+def job_fields(record: JobRecord) -> dict[str, Any]:
+    """The ten fields shared by Job, CreateJobRes and GetJobRes."""
+    return {
+        "id": record.id,
+        "command": record.command,
+        "args": list(record.args),
+        "maxCPU": record.limits.cpu_percent,
+        "maxMemory": record.limits.memory_mb,
+        "maxIOBPS": record.limits.io_bps,
+        "status": str(record.status),
+        "startTime": rfc3339(record.start_time),
+        "endTime": rfc3339(record.end_time),
+        "exitCode": record.exit_code if record.exit_code is not None else 0,
+    }
+
+
+class JobService:
+    """job_worker.JobService over a JobManager."""
+
+    def __init__(self, manager: JobManager, *, chunk_bytes: int = STREAM_CHUNK_BYTES) -> None:
+        self._manager = manager
+        self._chunk_bytes = chunk_bytes
+
+    def methods(self) -> dict[str, Method]:
+        """RPC name (as in the proto) -> Method. The handler dispatches through this."""
+        return {
+            "CreateJob": Method(pb.CreateJobReq, unary=self.create_job),
+            "GetJob": Method(pb.GetJobReq, unary=self.get_job),
+            "StopJob": Method(pb.StopJobReq, unary=self.stop_job),
+            "GetJobs": Method(pb.EmptyRequest, unary=self.list_jobs),
+            "GetJobsStream": Method(pb.GetJobsStreamReq, stream=self.stream_job),
+        }
+
+    async def create_job(self, request: pb.CreateJobReq) -> pb.CreateJobRes:
+        spec = JobSpec(
+            command=request.command,
+            args=tuple(request.args),
+            max_cpu=request.maxCPU,
+            max_memory=request.maxMemory,
+            max_iobps=request.maxIOBPS,
+        )
+        record = await self._manager.create(spec)
+        return pb.CreateJobRes(**job_fields(record))
+
+    async def get_job(self, request: pb.GetJobReq) -> pb.GetJobRes:
+        return pb.GetJobRes(**job_fields(self._manager.get(request.id)))
+
+    async def stop_job(self, request: pb.StopJobReq) -> pb.StopJobRes:
+        record = await self._manager.stop(request.id)
+        return pb.StopJobRes(
+            id=record.id,
+            status=str(record.status),
+            endTime=rfc3339(record.end_time),
+            exitCode=record.exit_code if record.exit_code is not None else 0,
+        )
+
+    async def list_jobs(self, request: pb.EmptyRequest) -> pb.Jobs:
+        return pb.Jobs(jobs=[pb.Job(**job_fields(r)) for r in self._manager.list()])
+
+    async def stream_job(self, request: pb.GetJobsStreamReq, send: SendMessage) -> None:
+        """History then live output, in chunks of at most 64 KiB, until the job has ended and
+        every byte was sent. ``send`` waits on HTTP/2 flow control: a slow reader holds at most
+        one chunk here (the engine never waits for it). On cancellation the reader is
+        released by the engine's context manager."""
+        follow = self._manager.follow(request.id, offset=0, max_chunk=self._chunk_bytes)
+        async with follow as reader:
+            async for chunk in reader:
+                await send(pb.DataChunk(payload=chunk))

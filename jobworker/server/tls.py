@@ -1,0 +1,109 @@
+"""TLS for the server: the SSL context (TLS 1.3 only, client certificate required, ALPN h2)
+and the handshake with a deadline, which yields the stream and the caller's Identity.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import anyio.abc
+from anyio.streams.tls import TLSAttribute, TLSStream
+
+from jobworker.server.identity import Identity, identity_from_peer_cert
+
+log = logging.getLogger(__name__)
+
+CA_CERT_FILE = "ca-cert.pem"
+SERVER_CERT_FILE = "server-cert.pem"
+SERVER_KEY_FILE = "server-key.pem"
+ALPN_H2 = "h2"  # grpcio and grpc-go refuse a TLS server that does not select h2
+
+
+class CertificateError(Exception):
+    """Raised when the server's certificate files are missing, unreadable or invalid.
+
+    The message is one line for the operator (the server exits 2 with it).
+    """
+
+
+def build_server_context(certs_dir: Path) -> ssl.SSLContext:
+    """An SSL context for the server from ``certs_dir``: TLS 1.3 only, CERT_REQUIRED against
+    the CA in ca-cert.pem, ALPN h2. Raises CertificateError naming the file at fault."""
+    ca = certs_dir / CA_CERT_FILE
+    cert = certs_dir / SERVER_CERT_FILE
+    key = certs_dir / SERVER_KEY_FILE
+    for path in (ca, cert, key):
+        try:
+            with path.open("rb"):
+                pass
+        except OSError as exc:
+            raise CertificateError(f"cannot read {path}: {exc.strerror or exc}") from None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.maximum_version = ssl.TLSVersion.TLSv1_3
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.set_alpn_protocols([ALPN_H2])
+    try:
+        context.load_cert_chain(cert, key)
+    except (ssl.SSLError, ValueError) as exc:
+        raise CertificateError(f"invalid server certificate or key in {certs_dir}: {exc}") from None
+    try:
+        context.load_verify_locations(cafile=ca)
+    except (ssl.SSLError, ValueError) as exc:
+        raise CertificateError(f"invalid CA certificate {ca}: {exc}") from None
+    return context
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A connection that completed the TLS handshake with a verified client certificate."""
+
+    stream: TLSStream
+    identity: Identity
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        return (exc.reason or exc.__class__.__name__).lower().replace("_", " ")
+    if isinstance(exc, TimeoutError):
+        return "handshake timed out"
+    return str(exc) or exc.__class__.__name__
+
+
+async def handshake(
+    transport: anyio.abc.SocketStream,
+    context: ssl.SSLContext,
+    timeout: float,  # noqa: ASYNC109 (a per-connection setting, applied inside)
+    remote: str,
+) -> Peer | None:
+    """Run the server side of the TLS handshake on ``transport`` within ``timeout`` seconds.
+
+    Returns the Peer, or None after logging one line (no traceback) and closing the
+    transport when the handshake fails, times out, or the client presented no usable
+    certificate. On cancellation the transport is closed and Cancelled propagates.
+    """
+    try:
+        with anyio.fail_after(timeout):
+            stream = await TLSStream.wrap(
+                transport, server_side=True, ssl_context=context, standard_compatible=False
+            )
+    except (OSError, ssl.SSLError, anyio.EndOfStream, anyio.BrokenResourceError) as exc:
+        # TimeoutError is an OSError; a client refused by CA / expiry / protocol lands here.
+        log.warning("TLS handshake with %s failed: %s", remote, _describe(exc))
+        await anyio.aclose_forcefully(transport)
+        return None
+    except BaseException:
+        await anyio.aclose_forcefully(transport)
+        raise
+    identity = identity_from_peer_cert(stream.extra(TLSAttribute.peer_certificate))  # noqa: S610
+    if identity is None:  # cannot happen with CERT_REQUIRED; kept as a guard
+        log.warning("TLS connection from %s without a client certificate: closed", remote)
+        await anyio.aclose_forcefully(stream)
+        return None
+    return Peer(stream, identity)

@@ -1,0 +1,533 @@
+"""HTTP/2 + gRPC framing for one server connection: purerpc's machinery with its defects fixed.
+
+purerpc 0.8.0 (pinned exactly: this module subclasses its internals) is used for the HTTP/2
+state (h2), gRPC headers and message framing. What changes here, and why:
+
+- Limits advertised in SETTINGS *and* enforced: max concurrent streams per connection (an
+  excess stream is refused with RST_STREAM(REFUSED_STREAM); the connection lives on), a
+  16 KiB max frame size, bounded flow-control windows (stock: 64 MiB per stream, 1 GiB per
+  connection). Inbound memory per connection is bounded by the connection window.
+- A request message larger than the limit ends that stream with RESOURCE_EXHAUSTED; the
+  connection lives on (stock: the whole connection died). The limit is checked on the
+  5-byte length prefix, so nothing of an oversized message is buffered.
+- RST_STREAM from the client (cancel, deadline) cancels the stream's handler at once
+  (stock: ignored).
+- Outbound: a sender waits while more than OUTBOUND_HIGH_WATER bytes are queued for the
+  socket, so a client that advertises a huge window and never reads the socket cannot make
+  the server buffer without bound.
+- Every stream is forgotten when its handler ends, whatever the client does (stock: kept
+  until both sides closed it, forever for a client that never half-closes).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import anyio.abc
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import trio
+from h2.settings import SettingCodes
+from purerpc.grpc_proto import GRPCProtoSocket, GRPCProtoStream
+from purerpc.grpc_socket import GRPCStreamState, SocketWrapper
+from purerpc.grpclib.buffers import MessageReadBuffer, MessageWriteBuffer
+from purerpc.grpclib.config import GRPCConfiguration
+from purerpc.grpclib.connection import GRPCConnection
+from purerpc.grpclib.events import (
+    Event,
+    MessageReceived,
+    RequestEnded,
+    RequestReceived,
+    WindowUpdated,
+)
+from purerpc.grpclib.exceptions import (
+    GRPCError,
+    MessageTooLargeError,
+    UnsupportedMessageEncodingError,
+)
+from purerpc.grpclib.status import StatusCode
+
+log = logging.getLogger(__name__)
+
+GRPC_MESSAGE_PREFIX = 5  # compressed flag + 4-byte length before every gRPC message
+H2_DEFAULT_WINDOW = 65_535  # RFC 7540: every window starts here until SETTINGS/WINDOW_UPDATE
+MAX_FRAME_SIZE = 16_384  # the RFC default; larger frames only help bulk uploads (we have none)
+MAX_HEADER_LIST_SIZE = 8_192  # our requests carry a path, a few headers, maybe a timeout
+RECEIVE_CHUNK = 65_536  # bytes read from the socket at a time
+OUTBOUND_HIGH_WATER = 256 * 1024  # queued-for-socket bytes above which senders wait
+WRITE_CHUNK = 256 * 1024  # at most this much handed to one socket send
+
+
+class BadRequestMessage(Event):  # type: ignore[misc]
+    """A request message that cannot be accepted (too large, compressed): its stream ends
+    with ``code`` and ``message``; the connection lives on."""
+
+    def __init__(self, stream_id: int, code: StatusCode, message: str) -> None:
+        self.stream_id = stream_id
+        self.code = code
+        self.message = message
+
+
+class StreamResetByPeer(Event):  # type: ignore[misc]
+    """The client sent RST_STREAM (it cancelled the call or its deadline passed)."""
+
+    def __init__(self, stream_id: int, error_code: int) -> None:
+        self.stream_id = stream_id
+        self.error_code = error_code
+
+
+class PeerGoAway(Event):  # type: ignore[misc]
+    """The client sent GOAWAY: it opens no new stream on this connection."""
+
+
+class _H2Connection(h2.connection.H2Connection):  # type: ignore[misc]
+    """h2's connection, refusing an excess stream alone instead of killing the connection.
+
+    h2 3.2 raises TooManyStreamsError (a connection error) when a HEADERS frame would exceed
+    our MAX_CONCURRENT_STREAMS, and only once the client acknowledged the setting. Here the
+    limit applies from the first frame, and the excess stream is reset with REFUSED_STREAM
+    (RFC 7540 5.1.2), which gRPC clients treat as retryable.
+    """
+
+    stream_limit: int = 100
+    refused_streams: int = 0
+
+    def _receive_headers_frame(self, frame: Any) -> Any:
+        if frame.stream_id not in self.streams and self.open_inbound_streams >= self.stream_limit:
+            # Let h2 open the stream (keeps HPACK state and stream ids consistent), then
+            # refuse it. Any DATA that follows is acknowledged and dropped by h2.
+            frames, events = self._receive_headers_without_limit(frame)
+            stream = self.streams.get(frame.stream_id)
+            if stream is not None and stream.open:
+                frames = list(frames) + list(
+                    stream.reset_stream(h2.errors.ErrorCodes.REFUSED_STREAM)
+                )
+            self.refused_streams += 1
+            # One WARNING per connection: a client flooding streams must not flood the log.
+            log.log(
+                logging.WARNING if self.refused_streams == 1 else logging.DEBUG,
+                "refused stream %d: %d streams already open on this connection",
+                frame.stream_id,
+                self.stream_limit,
+            )
+            # The connection-level events (none for HEADERS) are kept; the stream's are not.
+            return frames, [e for e in events if getattr(e, "stream_id", 0) == 0]
+        return super()._receive_headers_frame(frame)
+
+    def _receive_headers_without_limit(self, frame: Any) -> Any:
+        settings = self.local_settings
+        # local_settings.max_concurrent_streams is what h2 checks; lift it for this one call.
+        original = settings._settings[SettingCodes.MAX_CONCURRENT_STREAMS]
+        settings._settings[SettingCodes.MAX_CONCURRENT_STREAMS] = collections.deque([2**31 - 1])
+        try:
+            return super()._receive_headers_frame(frame)
+        finally:
+            settings._settings[SettingCodes.MAX_CONCURRENT_STREAMS] = original
+
+
+class ServerGRPCConnection(GRPCConnection):  # type: ignore[misc]
+    """purerpc's gRPC-over-h2 state machine with our limits (see the module docstring)."""
+
+    h2_connection: Any
+    message_read_buffers: dict[int, Any]
+
+    def __init__(
+        self,
+        config: GRPCConfiguration,
+        *,
+        max_concurrent_streams: int,
+        stream_window: int,
+        connection_window: int,
+    ) -> None:
+        self._max_concurrent_streams = max_concurrent_streams
+        self._stream_window = stream_window
+        self._connection_window = connection_window
+        super().__init__(config)
+        # Replace purerpc's plain H2Connection by ours (same configuration).
+        self.h2_connection = _H2Connection(self.h2_connection.config)
+        self.h2_connection.stream_limit = max_concurrent_streams
+        self.h2_connection.clear_outbound_data_buffer()
+        self._set_h2_connection_local_settings()
+
+    def _set_h2_connection_local_settings(self) -> None:
+        self.h2_connection.local_settings = h2.settings.Settings(
+            client=False,
+            initial_values={
+                SettingCodes.MAX_CONCURRENT_STREAMS: self._max_concurrent_streams,
+                SettingCodes.INITIAL_WINDOW_SIZE: self._stream_window,
+                SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
+                SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_SIZE,
+            },
+        )
+        self.h2_connection.max_inbound_frame_size = MAX_FRAME_SIZE
+
+    def initiate_connection(self) -> None:
+        self.h2_connection.initiate_connection()
+        extra = self._connection_window - H2_DEFAULT_WINDOW
+        if extra > 0:
+            self.h2_connection.increment_flow_control_window(extra)
+
+    def _data_received(self, event: h2.events.DataReceived) -> list[Event]:
+        buffer = self.message_read_buffers.get(event.stream_id)
+        if buffer is None:
+            # The stream's request already ended or was refused: drop the bytes but give
+            # the window back, or the connection would stall.
+            self.h2_connection.acknowledge_received_data(
+                event.flow_controlled_length, event.stream_id
+            )
+            return []
+        try:
+            buffer.data_received(event.data, event.flow_controlled_length)
+            return [
+                MessageReceived(event.stream_id, message, length)
+                for message, length in buffer.read_all_complete_messages_flowcontrol()
+            ]
+        except MessageTooLargeError:
+            code = StatusCode.RESOURCE_EXHAUSTED
+            limit = self.config.max_message_length
+            text = f"request message too large: {buffer._message_length} bytes (limit {limit})"
+        except UnsupportedMessageEncodingError:
+            code = StatusCode.UNIMPLEMENTED
+            text = "compressed request messages are not supported"
+        del self.message_read_buffers[event.stream_id]
+        self.h2_connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        return [BadRequestMessage(event.stream_id, code, text)]
+
+    def _request_received(self, event: h2.events.RequestReceived) -> list[Event]:
+        events: list[Event] = super()._request_received(event)
+        # Whatever grpc-encoding the client names, no decompression: we advertise none, and
+        # purerpc would inflate without a size limit (a compression bomb). A message with
+        # the compressed flag set fails alone with UNIMPLEMENTED.
+        self.message_read_buffers[event.stream_id] = MessageReadBuffer(
+            None, self.config.max_message_length
+        )
+        return events
+
+    def _stream_reset(self, event: h2.events.StreamReset) -> list[Event]:
+        self.message_read_buffers.pop(event.stream_id, None)
+        return [StreamResetByPeer(event.stream_id, int(event.error_code or 0))]
+
+    def _connection_terminated(self, event: h2.events.ConnectionTerminated) -> list[Event]:
+        return [PeerGoAway()]
+
+
+class ServerSocketWrapper(SocketWrapper):  # type: ignore[misc]
+    """purerpc's socket writer, plus a measure of bytes queued for the socket and a way to
+    wait until it drops (backpressure for senders)."""
+
+    _flush_event: anyio.Event
+    _stream: anyio.abc.ByteStream
+
+    def __init__(self, grpc_connection: GRPCConnection, stream: anyio.abc.ByteStream) -> None:
+        super().__init__(grpc_connection, stream)
+        self._in_flight = 0
+        self._progress = anyio.Event()
+
+    def kick(self) -> None:
+        """Wake the writer (sync: usable from cleanup code that must not checkpoint)."""
+        self._flush_event.set()
+
+    def pending(self) -> int:
+        """Bytes produced by h2 and not yet accepted by the kernel."""
+        return len(self._grpc_connection.h2_connection._data_to_send) + self._in_flight
+
+    async def wait_writable(self, high_water: int = OUTBOUND_HIGH_WATER) -> None:
+        """Return once fewer than ``high_water`` bytes are queued. Cancellable."""
+        while self.pending() >= high_water:
+            progress = self._progress
+            await progress.wait()
+
+    async def _writer_thread(self) -> None:
+        while True:
+            data = self._grpc_connection.data_to_send(WRITE_CHUNK)
+            if data:
+                self._in_flight = len(data)
+                try:
+                    await self._stream.send(data)
+                finally:
+                    self._in_flight = 0
+                    self._progress.set()
+                    self._progress = anyio.Event()
+            elif self._running:
+                await self._flush_event.wait()
+                self._flush_event = anyio.Event()
+            else:
+                return
+
+
+class ServerStream(GRPCProtoStream):  # type: ignore[misc]
+    """One RPC's HTTP/2 stream: its handler's cancel scope, cancelled on the client's reset."""
+
+    _state: GRPCStreamState
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cancel_scope: trio.CancelScope | None = None
+        self.reset_by_peer = False
+        self.closing = False  # set when the server cancels it for shutdown / idle close
+
+    def cancel(self, *, reset_by_peer: bool = False, closing: bool = False) -> None:
+        """Cancel the handler (if running). Safe to call any number of times."""
+        self.reset_by_peer = self.reset_by_peer or reset_by_peer
+        self.closing = self.closing or closing
+        if self.cancel_scope is not None:
+            self.cancel_scope.cancel()
+
+    @property
+    def response_started(self) -> bool:
+        return bool(self._response_started)
+
+    @property
+    def locally_closed(self) -> bool:
+        return self._state in (GRPCStreamState.HALF_CLOSED_LOCAL, GRPCStreamState.CLOSED)
+
+    def _close_remote(self) -> None:
+        if self._state == GRPCStreamState.OPEN:
+            self._state = GRPCStreamState.HALF_CLOSED_REMOTE
+        elif self._state == GRPCStreamState.HALF_CLOSED_LOCAL:
+            self._state = GRPCStreamState.CLOSED
+
+    def _close_local(self) -> None:
+        if self._state == GRPCStreamState.OPEN:
+            self._state = GRPCStreamState.HALF_CLOSED_LOCAL
+        elif self._state == GRPCStreamState.HALF_CLOSED_REMOTE:
+            self._state = GRPCStreamState.CLOSED
+
+    async def next_event(self) -> Event:
+        """The next event of this stream (RequestReceived, MessageReceived with raw bytes,
+        RequestEnded, BadRequestMessage). A received message's window is handed back here,
+        i.e. only once the handler takes it."""
+        event: Event = await self._incoming_events[1].receive()
+        if isinstance(event, MessageReceived):
+            self._grpc_connection.acknowledge_received_data(
+                self._stream_id, event.flow_controlled_length
+            )
+            await self._socket.flush()
+        return event
+
+    async def send_message(self, message: Any) -> None:
+        # GRPCProtoStream.send_message calls GRPCStream._send through super(), which would
+        # skip our _send: serialize here instead.
+        await self._send(message.SerializeToString())
+
+    async def start_response(
+        self, content_type_suffix: str = "", custom_metadata: Any = ()
+    ) -> None:
+        try:
+            await super().start_response(content_type_suffix, custom_metadata)
+        except h2.exceptions.StreamClosedError:
+            await self._gone()
+
+    async def _gone(self) -> None:
+        """The client reset the stream and h2 knew before our event loop did: end the handler
+        as the reset would have (Cancelled from the stream's scope)."""
+        self.cancel(reset_by_peer=True)
+        await trio.lowlevel.checkpoint()
+        raise RuntimeError("stream reset by the client outside of its handler")  # unreachable
+
+    async def _send(self, message: bytes, compress: bool = False) -> None:
+        """Send one message, waiting on HTTP/2 flow control and on the socket (at most
+        OUTBOUND_HIGH_WATER bytes queued per connection): a slow reader holds one message."""
+        buffer = MessageWriteBuffer(
+            self._grpc_connection.config.message_encoding,
+            self._grpc_connection.config.max_message_length,
+        )
+        buffer.write_message(message, compress)
+        while buffer:
+            await self._socket.wait_writable()
+            try:
+                window = self._grpc_connection.flow_control_window(self._stream_id)
+                if window > 0:
+                    data = buffer.data_to_send(min(window, len(buffer)))
+                    self._grpc_connection.send_data(self._stream_id, data)
+            except h2.exceptions.StreamClosedError:
+                await self._gone()
+            if window <= 0:
+                await self._wait_flow_control_update()
+                continue
+            await self._socket.flush()
+
+    def feed(self, event: Event) -> None:
+        """Queue an event for the handler (the queue is bounded by flow control: only
+        MessageReceived carries data, and its window is returned only when consumed)."""
+        self._incoming_events[0].send_nowait(event)
+
+    def discard(self) -> None:
+        """Drop whatever the handler did not consume and close the queue."""
+        send, receive = self._incoming_events
+        send.close()
+        while True:
+            try:
+                event = receive.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                break
+            if isinstance(event, MessageReceived):
+                self._grpc_connection.acknowledge_received_data(
+                    self._stream_id, event.flow_controlled_length
+                )
+        receive.close()
+
+
+class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
+    """The server side of one gRPC connection: reads frames and feeds streams.
+
+    ``run(spawn)`` reads until the peer closes, sends GOAWAY, or breaks the protocol, and
+    calls ``spawn(stream)`` for each new RPC. Enter it (``async with``) inside the task that
+    owns the handlers: its writer task lives in that scope, so a failed write cancels them.
+    """
+
+    StreamClass = ServerStream
+
+    def __init__(
+        self,
+        config: GRPCConfiguration,
+        sock: anyio.abc.ByteStream,
+        *,
+        max_concurrent_streams: int,
+        stream_window: int,
+        connection_window: int,
+    ) -> None:
+        super().__init__(config, sock)
+        self._grpc_connection = ServerGRPCConnection(
+            config,
+            max_concurrent_streams=max_concurrent_streams,
+            stream_window=stream_window,
+            connection_window=connection_window,
+        )
+        self._socket = ServerSocketWrapper(self._grpc_connection, sock)
+        self._streams: dict[int, ServerStream] = {}
+        self.last_activity = trio.current_time()  # last RPC start or end (pings do not count)
+        self.goaway_sent = False
+        self.close_reason = ""  # set when the server decides to close (for the log)
+        self.protocol_error = False  # the client broke HTTP/2 or gRPC: logged at INFO
+        self._no_streams = trio.Event()
+        self._no_streams.set()
+
+    @property
+    def streams(self) -> dict[int, ServerStream]:
+        return self._streams
+
+    async def run(self, spawn: Callable[[ServerStream], None]) -> str:
+        """Read and dispatch until the connection ends; return why, for the log.
+
+        Raises nothing for a peer that vanished or spoke bad HTTP/2 (returns the reason).
+        """
+        connection = self._grpc_connection
+        while True:
+            try:
+                data = await self._socket.recv(RECEIVE_CHUNK)
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                return "closed by peer"
+            except OSError as exc:
+                return f"read error: {exc.strerror or exc}"
+            self.last_activity = trio.current_time()
+            try:
+                events = connection.receive_data(data)
+            except h2.exceptions.ProtocolError as exc:
+                # h2 has already queued a GOAWAY with the right error code.
+                await self._socket.flush()
+                self.protocol_error = True
+                return f"HTTP/2 protocol error ({exc.__class__.__name__})"
+            except (GRPCError, KeyError, ValueError, UnicodeError) as exc:
+                # purerpc's parsing of gRPC headers (its ProtocolError, KeyError on a missing
+                # pseudo-header, ValueError on a bad grpc-timeout, ...): a bad client, not us.
+                with contextlib.suppress(h2.exceptions.H2Error):
+                    connection.h2_connection.close_connection(
+                        error_code=h2.errors.ErrorCodes.PROTOCOL_ERROR
+                    )
+                await self._socket.flush()
+                self.protocol_error = True
+                return f"malformed gRPC request ({exc.__class__.__name__})"
+            await self._socket.flush()
+            for event in events:
+                # PeerGoAway: the client opens no new stream; running ones go on. Ignored.
+                self._dispatch(event, spawn)
+
+    def _dispatch(self, event: Event, spawn: Callable[[ServerStream], None]) -> None:
+        if isinstance(event, WindowUpdated):
+            targets = (
+                list(self._streams.values())
+                if event.stream_id == 0
+                else [s for s in (self._streams.get(event.stream_id),) if s is not None]
+            )
+            for stream in targets:
+                stream._flow_control_update_event.set()
+            return
+        stream_id = getattr(event, "stream_id", None)
+        if isinstance(event, RequestReceived):
+            if self.goaway_sent:  # a stream opened after our GOAWAY: not served (RFC 7540 6.8)
+                self._grpc_connection.message_read_buffers.pop(event.stream_id, None)
+                with contextlib.suppress(h2.exceptions.H2Error):
+                    self._grpc_connection.h2_connection.reset_stream(
+                        event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM
+                    )
+                return
+            stream = self._stream_ctor(event.stream_id)
+            self._streams[event.stream_id] = stream
+            self.last_activity = trio.current_time()
+            if self._no_streams.is_set():
+                self._no_streams = trio.Event()
+            stream.feed(event)
+            spawn(stream)
+            return
+        target = self._streams.get(stream_id) if stream_id is not None else None
+        if target is None:
+            # The handler already finished: give back the window of late data, drop the rest.
+            if isinstance(event, MessageReceived):
+                self._grpc_connection.acknowledge_received_data(
+                    event.stream_id, event.flow_controlled_length
+                )
+            return
+        if isinstance(event, StreamResetByPeer):
+            target.cancel(reset_by_peer=True)
+            return
+        if isinstance(event, RequestEnded):
+            target._close_remote()
+        target.feed(event)
+
+    def forget(self, stream: ServerStream) -> None:
+        """Release everything held for ``stream``; reset it if the client may still send."""
+        self._streams.pop(stream.stream_id, None)
+        self._grpc_connection.message_read_buffers.pop(stream.stream_id, None)
+        self.last_activity = trio.current_time()
+        if not self._streams:
+            self._no_streams.set()
+        stream.discard()
+        h2_stream = self._grpc_connection.h2_connection.streams.get(stream.stream_id)
+        if h2_stream is not None and h2_stream.open:
+            # We are done, the client is not: tell it to stop sending (grpc servers do the
+            # same). NO_ERROR after a complete response, CANCEL otherwise.
+            code = (
+                h2.errors.ErrorCodes.NO_ERROR
+                if stream.locally_closed
+                else h2.errors.ErrorCodes.CANCEL
+            )
+            with contextlib.suppress(h2.exceptions.H2Error):
+                self._grpc_connection.h2_connection.reset_stream(stream.stream_id, code)
+            self._socket.kick()
+
+    async def wait_no_streams(self) -> None:
+        """Return once no RPC is running on this connection."""
+        while self._streams:
+            await self._no_streams.wait()
+
+    async def send_goaway(self) -> None:
+        """Tell the client that no new stream will be accepted (idempotent)."""
+        if self.goaway_sent:
+            return
+        self.goaway_sent = True
+        try:
+            self._grpc_connection.h2_connection.close_connection()
+        except h2.exceptions.H2Error:
+            return
+        await self._socket.flush()
+
+    async def flush(self) -> None:
+        await self._socket.flush()

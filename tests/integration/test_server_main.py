@@ -1,0 +1,177 @@
+"""The jobworker-server command: flags, the one ``listening on`` line, exit codes, log format."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+import pytest
+
+from jobworker.api import worker_pb2, worker_pb2_grpc
+
+if TYPE_CHECKING:
+    from tests.conftest import TestPKI
+    from tests.integration.conftest import ServerFactory, ServerProc
+
+Credentials = Callable[[str], grpc.ChannelCredentials]
+LOG_LINE = re.compile(
+    r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+ \S"
+)
+
+
+def run_server(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "jobworker.server", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=cwd,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("missing", ["ca-cert.pem", "server-cert.pem", "server-key.pem"])
+def test_a_missing_certificate_file_exits_2_with_one_line(
+    test_pki: TestPKI, tmp_path: Path, missing: str
+) -> None:
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    for name in ("ca-cert.pem", "server-cert.pem", "server-key.pem"):
+        if name != missing:
+            (certs / name).write_bytes((test_pki.dir / name).read_bytes())
+    result = run_server("--certs-dir", str(certs), "--listen", "127.0.0.1:0", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"jobworker-server: cannot read {certs / missing}: No such file or directory"
+    ]
+
+
+def test_a_garbage_key_exits_2_without_a_traceback(test_pki: TestPKI, tmp_path: Path) -> None:
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    for name in ("ca-cert.pem", "server-cert.pem"):
+        (certs / name).write_bytes((test_pki.dir / name).read_bytes())
+    (certs / "server-key.pem").write_text("not a key\n")
+    result = run_server("--certs-dir", str(certs), cwd=tmp_path)
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert line.startswith("jobworker-server: invalid server certificate or key in ")
+
+
+@pytest.mark.parametrize("listen", ["localhost", "1.2.3.4:99999", "[::1]", "::1:50051", ":80"])
+def test_a_bad_listen_address_is_a_usage_error(tmp_path: Path, listen: str) -> None:
+    result = run_server("--listen", listen, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "--listen" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_an_address_in_use_exits_1_with_one_line(
+    server: ServerProc, test_pki: TestPKI, tmp_path: Path
+) -> None:
+    result = run_server(
+        "--listen",
+        server.address,
+        "--certs-dir",
+        str(test_pki.dir),
+        "--data-dir",
+        str(tmp_path / "other"),
+        "--cgroups",
+        "off",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        f"jobworker-server: cannot listen on {server.address}: Address already in use"
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_it_prints_listening_once_and_logs_one_line_per_record(server: ServerProc) -> None:
+    lines = server.log_text().splitlines()
+    assert lines.count(f"listening on {server.address}") == 1
+    assert server.port != 0
+    assert all(LOG_LINE.match(line) for line in lines if not line.startswith("listening on"))
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback on this host")
+def test_it_listens_on_ipv6(
+    server_factory: ServerFactory, grpc_credentials_for: Credentials
+) -> None:
+    with server_factory("--listen", "[::1]:0") as srv:
+        assert re.fullmatch(r"\[::1\]:\d+", srv.address)
+        with grpc.secure_channel(srv.address, grpc_credentials_for("admin-client")) as channel:
+            stub = worker_pb2_grpc.JobServiceStub(channel)
+            assert stub.GetJobs(worker_pb2.EmptyRequest(), timeout=10).jobs == []
+
+
+def test_it_listens_only_on_the_given_address(server: ServerProc) -> None:
+    # Bound to 127.0.0.1 only: another loopback address of 127/8 gets no answer.
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.2", server.port), timeout=5).close()
+
+
+def test_the_entry_point_is_installed() -> None:
+    from importlib.metadata import entry_points  # noqa: PLC0415
+
+    [script] = [e for e in entry_points(group="console_scripts") if e.name == "jobworker-server"]
+    assert script.value == "jobworker.server.main:main"
+
+
+def test_a_second_server_on_the_same_data_dir_exits_2(
+    server: ServerProc, test_pki: TestPKI, tmp_path: Path
+) -> None:
+    result = run_server(
+        "--listen",
+        "127.0.0.1:0",
+        "--certs-dir",
+        str(test_pki.dir),
+        "--data-dir",
+        str(server.data_dir),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == (
+        f"jobworker-server: data dir {server.data_dir} is in use by another jobworker-server"
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_servers_on_other_data_dirs_leave_each_others_jobs_alone(
+    server_factory: ServerFactory, grpc_credentials_for: Credentials
+) -> None:
+    """Each server has its own cgroup subtree: starting (and stopping) another one on the same
+    host neither sweeps nor collides with this one's running job "1"."""
+    with (
+        server_factory() as first,
+        grpc.secure_channel(first.address, grpc_credentials_for("admin-client")) as channel,
+    ):
+        stub = worker_pb2_grpc.JobServiceStub(channel)
+        job = stub.CreateJob(worker_pb2.CreateJobReq(command="sleep", args=["30"]), timeout=10)
+        assert job.id == "1"
+        with (
+            server_factory() as other,
+            grpc.secure_channel(other.address, grpc_credentials_for("admin-client")) as ch2,
+        ):
+            assert other.data_dir != first.data_dir
+            other_stub = worker_pb2_grpc.JobServiceStub(ch2)
+            theirs = other_stub.CreateJob(worker_pb2.CreateJobReq(command="true"), timeout=10)
+            assert theirs.id == "1"
+        assert stub.GetJob(worker_pb2.GetJobReq(id="1"), timeout=10).status == "RUNNING"
+        stopped = stub.StopJob(worker_pb2.StopJobReq(id="1"), timeout=10)
+        assert (stopped.status, stopped.exitCode) == ("STOPPED", 143)
