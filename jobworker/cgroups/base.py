@@ -103,3 +103,8 @@ class ResourceController(Protocol):
     async def sweep(self) -> list[str]:
         """Kill and remove job cgroups left by a previous server; return their job ids."""
         ...
+
+    async def remove_roots(self) -> None:
+        """Remove this server's (by then empty) job-cgroup root: called at clean shutdown,
+        after every job has ended. Bounded; logs, never raises."""
+        ...

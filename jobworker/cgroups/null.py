@@ -144,3 +144,6 @@ class NullController:
 
     async def sweep(self) -> list[str]:
         return []
+
+    async def remove_roots(self) -> None:
+        return None

@@ -39,6 +39,7 @@ SHUTDOWN_DRAIN_S = 3.0  # connections get this long to tell their clients before
 FORCED_EXIT_CODE = 130  # second signal: exit without cleanup (like an interrupted shell)
 SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 DEBUG_SIGNAL = signal.SIGUSR1  # logs task and connection counts (used by the tests)
+CGROUP_CLEANUP_S = 5.0  # bound on removing our (empty) cgroup subtree at shutdown
 CGROUP_ROOT = "jobworker"  # job cgroups: <own cgroup>/jobworker/<instance>/<job id>
 
 
@@ -170,5 +171,7 @@ async def serve(
                     listener.shutdown()
                     serving.cancel_scope.deadline = trio.current_time() + SHUTDOWN_DRAIN_S
                 log.info("connections closed; stopping jobs")
+            with trio.move_on_after(CGROUP_CLEANUP_S, shield=True):
+                await controller.remove_roots()  # every job has ended: our subtree is empty
             root.cancel_scope.cancel()  # the reaper and the signal watcher
     log.info("stopped")

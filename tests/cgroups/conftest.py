@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 
 import pytest
 import trio
-from conftest import skip_unless
 
 from jobworker.cgroups.layout import (
     MOUNTINFO,
@@ -25,6 +24,7 @@ from jobworker.cgroups.layout import (
 )
 from jobworker.cgroups.v1 import V1Controller
 from jobworker.cgroups.v2 import V2Controller
+from tests.support import skip_unless
 
 from .helpers import TEST_ROOT
 

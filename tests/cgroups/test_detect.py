@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import skip_unless
 
 from jobworker.cgroups import cgfs, detect
 from jobworker.cgroups.base import Limits
@@ -14,6 +13,7 @@ from jobworker.cgroups.detect import CgroupsUnavailable, detect_controller
 from jobworker.cgroups.null import NullController
 from jobworker.cgroups.v1 import V1Controller
 from jobworker.cgroups.v2 import V2Controller
+from tests.support import skip_unless
 
 from .helpers import TEST_ROOT
 

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import skip_unless
 
 from jobworker.cgroups import cgfs
 from jobworker.cgroups.base import Limits
 from jobworker.cgroups.v1 import V1Controller, V1JobCgroup
 from jobworker.errors import LimitRefused
+from tests.support import skip_unless
 
 from .conftest import _v1_usable, v1_layout
 from .helpers import TEST_ROOT, alive, descendants, poll_until, spawn

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import skip_unless
 
 from jobworker.cgroups import CgroupsUnavailable, Reaper, detect_controller
 from jobworker.engine import JobManager, JobSpec, JobStatus, open_job_manager
+from tests.support import skip_unless
 
 from .helpers import PY, pid_alive, sh, wait_ended, wait_output, wait_until
 
@@ -40,9 +40,7 @@ async def cg_manager(data_dir: Path) -> AsyncIterator[JobManager]:
             nursery.cancel_scope.cancel()
     finally:
         reaper.disable()
-        remove_roots = getattr(controller, "remove_roots", None)
-        if remove_roots is not None:
-            await remove_roots()
+        await controller.remove_roots()
 
 
 async def test_oom_is_reported_from_the_kernel_counter(cg_manager: JobManager) -> None:

@@ -31,6 +31,8 @@ from typing import IO, TYPE_CHECKING
 import grpc
 import pytest
 
+from jobworker.server.app import instance_name
+
 if TYPE_CHECKING:
     from tests.conftest import TestPKI
 
@@ -221,6 +223,16 @@ def start_server(
         if ok and expect_exit is not None:
             assert code == expect_exit, f"server exit code {code}:\n{srv.log_text()}"
             assert not leftovers, f"processes left after the server exited: {leftovers}"
+            if code == 0:
+                left = _cgroup_subtrees(data_dir)
+                assert not left, f"cgroups left after the server exited: {left}"
+
+
+def _cgroup_subtrees(data_dir: Path) -> list[Path]:
+    """This server's job-cgroup subtree, where it still exists, in each hierarchy whose own
+    cgroup is the root (all but memory on our hosts: a cheap, not exhaustive, check)."""
+    instance = instance_name(data_dir)
+    return [top / instance for top in Path("/sys/fs/cgroup").glob("*") if (top / instance).is_dir()]
 
 
 def _zombie(pid: int) -> bool:
