@@ -51,6 +51,12 @@ class JobCgroup(Protocol):
         """Called once the job's main process is spawned (its pid is also its pgid)."""
         ...
 
+    def placed(self, pid: int) -> bool:
+        """True once ``pid`` has joined every cgroup of the job. The shim writes its pid a
+        moment after it starts: until then a kill through the cgroup would miss it and
+        whatever it forks next, so the engine waits for this before reporting the job started."""
+        ...
+
     def oom_kills(self) -> int:
         """The kernel's OOM-kill counter for this job's cgroup (0 when not measurable)."""
         ...

@@ -75,6 +75,9 @@ class NullCgroup:
     def attach(self, pid: int) -> None:
         self._pgid = pid  # spawned with start_new_session: pid == pgid
 
+    def placed(self, pid: int) -> bool:
+        return True  # the process group exists from the spawn on
+
     def oom_kills(self) -> int:
         return 0
 

@@ -53,8 +53,13 @@ class V1JobCgroup:
         return shim_argv([d / "cgroup.procs" for d in self._unique], argv)
 
     def attach(self, pid: int) -> None:
-        """Record the main pid (for logs); placement already happened in the shim."""
+        """Record the main pid (for logs); placement happens in the shim."""
         self._pid = pid
+
+    def placed(self, pid: int) -> bool:
+        # The shim writes the hierarchies in this order: in the last one means in all.
+        last = self._unique[-1]
+        return str(pid) in (cgfs.read_text(last / "cgroup.procs") or "").split()
 
     @property
     def paths(self) -> list[Path]:

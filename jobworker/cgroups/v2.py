@@ -54,8 +54,11 @@ class V2JobCgroup:
         return shim_argv([self.directory / "cgroup.procs"], argv)
 
     def attach(self, pid: int) -> None:
-        """Record the main pid (for logs); placement already happened in the shim."""
+        """Record the main pid (for logs); placement happens in the shim."""
         self._pid = pid
+
+    def placed(self, pid: int) -> bool:
+        return str(pid) in (cgfs.read_text(self.directory / "cgroup.procs") or "").split()
 
     def pids(self) -> set[int]:
         return cgfs.pids_in([self.directory])

@@ -59,6 +59,10 @@ CLEANUP_TIMEOUT_S = 10.0
 EXIT_CANNOT_EXECUTE = 126
 EXIT_NOT_FOUND = 127
 OOM_EXIT_CODE = 137  # the kernel's OOM killer sends SIGKILL: 128 + 9
+# Waiting for the shim to place itself: it takes about a millisecond; the bound only guards
+# against a shim that hangs (it is then killed through its process group as a fallback).
+PLACEMENT_WAIT_S = 1.0
+PLACEMENT_POLL_S = 0.0005
 
 
 class Job:
@@ -171,6 +175,13 @@ class Job:
             await self._fail_start(exc)
         self._cgroup.attach(process.pid)
         self.pid = process.pid
+        # The shim joins the job's cgroups a moment (~1 ms) after it starts. A stop (or a
+        # shutdown) before that would find the cgroups empty and miss the job and everything
+        # it forks next: the job counts as started only once it is placed.
+        with trio.move_on_after(PLACEMENT_WAIT_S):
+            # Polled: the kernel offers no event for a write into cgroup.procs.
+            while process.poll() is None and not self._cgroup.placed(process.pid):  # noqa: ASYNC110
+                await trio.sleep(PLACEMENT_POLL_S)
         return process
 
     def _prepare_files(self) -> None:
