@@ -8,6 +8,18 @@ else that escapes a handler is reported as INTERNAL with a short message.
 
 from __future__ import annotations
 
+# Errors echo what the client sent (an id, a command). Echo a bounded prefix: the message
+# travels in an HTTP/2 trailer, where grpc clients drop anything over 16 KiB and the HPACK
+# encoder's cost grows with the square of the length.
+MAX_ECHO_CHARS = 200
+
+
+def echo(text: str) -> str:
+    """``text`` as it may appear in an error message: at most MAX_ECHO_CHARS characters."""
+    if len(text) <= MAX_ECHO_CHARS:
+        return text
+    return f"{text[:MAX_ECHO_CHARS]}... ({len(text)} characters)"
+
 
 class JobWorkerError(Exception):
     """Base of every error jobworker reports to a caller. str(err) is the client message."""
@@ -17,7 +29,7 @@ class JobNotFound(JobWorkerError):
     """Raised for an id that names no job: ``job not found: <id>``."""
 
     def __init__(self, job_id: str) -> None:
-        super().__init__(f"job not found: {job_id}")
+        super().__init__(f"job not found: {echo(job_id)}")
         self.job_id = job_id
 
 
@@ -28,7 +40,7 @@ class JobNotRunning(JobWorkerError):
     """
 
     def __init__(self, job_id: str, status: str) -> None:
-        super().__init__(f"job is not running: {job_id} (current status: {status})")
+        super().__init__(f"job is not running: {echo(job_id)} (current status: {status})")
         self.job_id = job_id
         self.status = status
 
@@ -41,7 +53,7 @@ class CommandNotFound(InvalidJobSpec):
     """Raised when the command is not found: ``command not found in PATH: <command>``."""
 
     def __init__(self, command: str) -> None:
-        super().__init__(f"command not found in PATH: {command}")
+        super().__init__(f"command not found in PATH: {echo(command)}")
         self.command = command
 
 
@@ -49,7 +61,7 @@ class CommandNotExecutable(InvalidJobSpec):
     """Raised when the command exists but cannot be executed (a directory, no x bit)."""
 
     def __init__(self, command: str, why: str) -> None:
-        super().__init__(f"command is not executable: {command} ({why})")
+        super().__init__(f"command is not executable: {echo(command)} ({why})")
         self.command = command
 
 

@@ -23,6 +23,7 @@ from jobworker.errors import CommandNotExecutable, CommandNotFound, InvalidJobSp
 __all__ = [
     "JOB_PATH",
     "MAX_ARGS_BYTES",
+    "MAX_COMMAND_BYTES",
     "MIN_MEMORY_MB",
     "job_environment",
     "resolve_command",
@@ -38,6 +39,8 @@ MIN_MEMORY_MB = 4
 # Linux allows ~2 MiB of argv+environment per exec; 1 MiB of arguments leaves room and is
 # far beyond any sane job, while bounding what one request can make us hold and store.
 MAX_ARGS_BYTES = 1 << 20
+# Linux's PATH_MAX: no longer command can be executed (and errors echo the command).
+MAX_COMMAND_BYTES = 4096
 
 
 def validate_spec(spec: JobSpec, *, pids_max: int = DEFAULT_PIDS_MAX) -> Limits:
@@ -71,9 +74,13 @@ def validate_spec(spec: JobSpec, *, pids_max: int = DEFAULT_PIDS_MAX) -> Limits:
     if total > MAX_ARGS_BYTES:
         raise InvalidJobSpec(f"args must total at most 1 MiB, got {total} bytes")
     try:
-        os.fsencode(spec.command)
+        command_bytes = len(os.fsencode(spec.command))
     except UnicodeEncodeError:
         raise InvalidJobSpec("command must be valid text") from None
+    if command_bytes > MAX_COMMAND_BYTES:
+        raise InvalidJobSpec(
+            f"command must be at most {MAX_COMMAND_BYTES} bytes, got {command_bytes}"
+        )
     return Limits(
         cpu_percent=spec.max_cpu or DEFAULT_CPU_PERCENT,
         memory_mb=memory_mb,

@@ -48,6 +48,7 @@ CPU_MAX = 100 * (os.cpu_count() or 1)
         (JobSpec("/nonexistent/tool"), "command not found in PATH: /nonexistent/tool"),
         (JobSpec("/etc/passwd"), "command is not executable: /etc/passwd (permission denied)"),
         (JobSpec("/tmp"), "command is not executable: /tmp (is a directory)"),
+        (JobSpec("x" * 5000), "command must be at most 4096 bytes, got 5000"),
     ],
     ids=[
         "cpu-negative",
@@ -63,6 +64,7 @@ CPU_MAX = 100 * (os.cpu_count() or 1)
         "not-found-path",
         "not-executable",
         "directory",
+        "command-too-long",
     ],
 )
 async def test_invalid_spec_is_refused_and_consumes_nothing(
