@@ -223,18 +223,27 @@ class ConnectionHandler:
         return method
 
     async def _read_request(self, stream: ServerStream, request_type: type[Message]) -> Message:
-        """The single request message of a unary-request RPC."""
+        """The single request message of a unary-request RPC.
+
+        Bounded by the idle timeout: a client that opens a stream and never finishes its
+        request would otherwise hold the handler, and its connection, forever."""
         data: bytes | None = None
-        while True:
-            event = await stream.next_event()
-            if isinstance(event, BadRequestMessage):
-                raise RpcError(event.code, event.message)
-            if isinstance(event, MessageReceived):
-                if data is not None:
-                    raise RpcError(StatusCode.INVALID_ARGUMENT, "expected one request message")
-                data = event.data
-            elif isinstance(event, RequestEnded):
-                break
+        with trio.move_on_after(self._limits.idle_timeout) as request_scope:
+            while True:
+                event = await stream.next_event()
+                if isinstance(event, BadRequestMessage):
+                    raise RpcError(event.code, event.message)
+                if isinstance(event, MessageReceived):
+                    if data is not None:
+                        raise RpcError(StatusCode.INVALID_ARGUMENT, "expected one request message")
+                    data = event.data
+                elif isinstance(event, RequestEnded):
+                    break
+        if request_scope.cancelled_caught:
+            raise RpcError(
+                StatusCode.DEADLINE_EXCEEDED,
+                f"request not received within {self._limits.idle_timeout:g}s",
+            )
         if data is None:
             raise RpcError(StatusCode.INVALID_ARGUMENT, "expected one request message")
         try:

@@ -12,6 +12,7 @@ import anyio
 import anyio.abc
 import trio
 
+from jobworker.server.janitor import MemoryJanitor
 from jobworker.server.tls import Peer, handshake
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class Listener:
         self.connections = 0
         self._last_refusal_log = -REFUSAL_LOG_INTERVAL_S
         self._refused_since_log = 0
+        self.janitor = MemoryJanitor()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -92,6 +94,8 @@ class Listener:
                     async with trio.open_nursery() as accepting:
                         for tcp in self._tcp:
                             accepting.start_soon(self._accept_loop, tcp, nursery)
+                        # Lives as long as accepting does (memory after bursts: janitor.py).
+                        await accepting.start(self.janitor.run)
                         task_status.started()
                 await self._close_tcp()  # refuse new connections during the drain
         finally:
@@ -148,3 +152,4 @@ class Listener:
             log.exception("unexpected error serving the connection from %s", remote)
         finally:
             self.connections -= 1
+            self.janitor.note_churn()

@@ -186,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_float,
         default=cfg.DEFAULT_IDLE_TIMEOUT_S,
         metavar="SECONDS",
-        help="close a connection with no RPC for this long (default %(default)s)",
+        help="close a connection with no RPC for this long (client PINGs do not count); "
+        "also the time a client has to send a request it started (default %(default)s)",
     )
     parser.add_argument(
         "--max-message-bytes",

@@ -15,6 +15,8 @@ state (h2), gRPC headers and message framing. What changes here, and why:
 - Outbound: a sender waits while more than OUTBOUND_HIGH_WATER bytes are queued for the
   socket, so a client that advertises a huge window and never reads the socket cannot make
   the server buffer without bound.
+- A late WINDOW_UPDATE or RST_STREAM for a stream we already finished is ignored, as RFC
+  7540 requires (h2 3.2 answered GOAWAY STREAM_CLOSED: every RPC on the connection died).
 - Every stream is forgotten when its handler ends, whatever the client does (stock: kept
   until both sides closed it, forever for a client that never half-closes).
 """
@@ -34,6 +36,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import trio
+from h2.connection import ConnectionInputs
 from h2.settings import SettingCodes
 from purerpc.grpc_proto import GRPCProtoSocket, GRPCProtoStream
 from purerpc.grpc_socket import GRPCStreamState, SocketWrapper
@@ -120,6 +123,35 @@ class _H2Connection(h2.connection.H2Connection):  # type: ignore[misc]
             # The connection-level events (none for HEADERS) are kept; the stream's are not.
             return frames, [e for e in events if getattr(e, "stream_id", 0) == 0]
         return super()._receive_headers_frame(frame)
+
+    def _receive_window_update_frame(self, frame: Any) -> Any:
+        if self._forgotten(frame.stream_id):
+            # RFC 7540 6.9: a WINDOW_UPDATE may follow our END_STREAM; nothing to update.
+            events = self.state_machine.process_input(ConnectionInputs.RECV_WINDOW_UPDATE)
+            return [], events
+        return super()._receive_window_update_frame(frame)
+
+    def _receive_rst_stream_frame(self, frame: Any) -> Any:
+        if self._forgotten(frame.stream_id):
+            # RFC 7540 5.1: RST_STREAM on a closed stream is allowed; the stream is gone.
+            events = self.state_machine.process_input(ConnectionInputs.RECV_RST_STREAM)
+            return [], events
+        return super()._receive_rst_stream_frame(frame)
+
+    def _forgotten(self, stream_id: int) -> bool:
+        """A stream that was open once and that h2 has already dropped from ``streams``.
+
+        h2 3.2 treats a late WINDOW_UPDATE / RST_STREAM for such a stream (one it closed with
+        END_STREAM) as a connection error: GOAWAY STREAM_CLOSED, and every RPC on the
+        connection fails. grpcio sends exactly these frames when its reads race our
+        trailers, so under load healthy clients lost whole connections.
+        """
+        client_stream = stream_id % 2 == 1  # clients open odd ids; we open none
+        return (
+            client_stream
+            and stream_id <= self.highest_inbound_stream_id
+            and stream_id not in self.streams
+        )
 
     def _receive_headers_without_limit(self, frame: Any) -> Any:
         settings = self.local_settings
@@ -427,7 +459,8 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
                 return "closed by peer"
             except OSError as exc:
                 return f"read error: {exc.strerror or exc}"
-            self.last_activity = trio.current_time()
+            # Reading does not count as activity: only RPCs do (a client that sends PINGs and
+            # nothing else is idle, as with gRPC's MAX_CONNECTION_IDLE).
             try:
                 events = connection.receive_data(data)
             except h2.exceptions.ProtocolError as exc:
