@@ -59,6 +59,7 @@ PUMP_DRAIN_S = 0.5
 REAP_WAIT_S = 2.0
 # Upper bound on each shielded cleanup phase, so a stuck kernel call cannot hang shutdown.
 CLEANUP_TIMEOUT_S = 10.0
+PERSIST_FALLBACK_S = 2.0  # saving the record when cleanup itself timed out
 # Shell convention for a command that could not be executed (found but not runnable) and
 # for one that was not found, used as the exit code of a job that never started.
 EXIT_CANNOT_EXECUTE = 126
@@ -148,6 +149,9 @@ class Job:
                 finally:
                     with trio.move_on_after(CLEANUP_TIMEOUT_S, shield=True):
                         await self._end_processes(process)
+                    # Cut short, _end_processes may not have released the (shielded) pump:
+                    # the nursery would wait for it forever.
+                    self._pump_scope.cancel()
         except Exception:
             # A job is an isolation boundary: a bug or a driver failure in one job must not
             # take the manager (and every other job) down. Its end is still recorded.
@@ -155,6 +159,21 @@ class Job:
         finally:
             with trio.move_on_after(CLEANUP_TIMEOUT_S, shield=True):
                 await self._finalize(process)
+            if not self.ended.is_set():
+                # _finalize timed out (a stuck kernel call): stop waiters and stream readers
+                # must not wait forever. The record says what happened.
+                log.error("job %s: cleanup did not finish in %.0f s", self.id, CLEANUP_TIMEOUT_S)
+                if not self._record.status.is_terminal:
+                    self._record = replace(
+                        self._record,
+                        status=JobStatus.FAILED,
+                        end_time=utc_now(),
+                        reason="internal error: cleanup did not finish",
+                    )
+                self.output.finish()
+                with trio.move_on_after(PERSIST_FALLBACK_S, shield=True):
+                    await self._persist()
+                self.ended.set()
 
     async def _spawn(self) -> trio.Process:
         assert self._cgroup is not None
@@ -280,7 +299,7 @@ class Job:
             self._pump_scope.cancel()
 
     async def _finalize(self, process: trio.Process) -> None:
-        """Read usage, remove the cgroup, record the final state, end the log, persist."""
+        """Read usage, record the final state, end the log, remove the cgroup, persist."""
         assert self._cgroup is not None
         try:
             oom_kills = self._cgroup.oom_kills()
@@ -288,7 +307,6 @@ class Job:
         except Exception:
             log.exception("job %s: cannot read its resource usage", self.id)
             oom_kills, usage = 0, Usage()
-        await self._cgroup.remove()
         returncode = process.returncode
         exit_code = (
             None if returncode is None else (128 - returncode if returncode < 0 else returncode)
@@ -330,6 +348,7 @@ class Job:
             (end - self._record.start_time).total_seconds(),
             self.output.length,
         )
+        await self._cgroup.remove()
         await self._persist()
         self.ended.set()
 

@@ -8,11 +8,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import trio
 
 from jobworker.cgroups.base import Limits, Usage
 from jobworker.cgroups.null import NullCgroup, NullController
 from jobworker.engine import JobSpec, JobStatus, open_job_manager
+from jobworker.engine import job as job_module
 
 from .helpers import PY, pid_alive, py, sh, wait_ended, wait_output
 from .test_stop import IGNORE_TERM
@@ -174,3 +176,29 @@ async def test_reaper_protocol_is_honoured(data_dir: Path) -> None:
         ("release", pid),
         ("reap_now", None),
     ]
+
+
+async def test_a_hung_cleanup_still_ends_the_job_for_its_waiters(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If removing the cgroup hangs past the cleanup bound, stop callers and stream readers
+    are released all the same, with the job's real final state."""
+    monkeypatch.setattr(job_module, "CLEANUP_TIMEOUT_S", 0.3)
+
+    class HangingRemove(FakeController):
+        def create(self, job_id: str, limits: Limits) -> FakeCgroup:
+            cgroup = super().create(job_id, limits)
+
+            async def hang() -> None:
+                await trio.sleep_forever()
+
+            cgroup.remove = hang  # type: ignore[method-assign]
+            return cgroup
+
+    async with open_job_manager(data_dir, controller=HangingRemove()) as manager:
+        await manager.create(JobSpec("sleep", ("1000",)))
+        async with manager.follow("1") as reader:
+            with trio.fail_after(5):
+                record = await manager.stop("1")
+                assert [chunk async for chunk in reader] == []
+    assert (record.status, record.exit_code) == (JobStatus.STOPPED, 143)
