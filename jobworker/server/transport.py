@@ -453,6 +453,10 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
         """
         connection = self._grpc_connection
         while True:
+            # What we owe the peer (PING and SETTINGS acks, resets) grows with what it sends:
+            # a peer that never reads must not make that queue grow without bound. Stop reading
+            # until it drains (the peer then blocks on TCP: backpressure).
+            await self._socket.wait_writable()
             try:
                 data = await self._socket.recv(RECEIVE_CHUNK)
             except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):

@@ -8,15 +8,23 @@ activity, and a stream whose request message never arrives is ended after the sa
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import struct
 import time
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h2.exceptions
 import trio
 
 from tests.integration.attacks import tools
-from tests.integration.attacks.conftest import IDLE_TIMEOUT_S, Arena
+from tests.integration.attacks.conftest import IDLE_TIMEOUT_S, Arena, open_arena
 from tests.integration.attacks.tools import in_thread, worker_pb2
+
+if TYPE_CHECKING:
+    from tests.support import TestPKI
 
 IDLE_CONNECTIONS = 20
 CLOSE_SLACK_S = 3.0  # closed within idle timeout + this
@@ -124,3 +132,52 @@ async def test_a_quiet_stream_is_not_idle(arena: Arena) -> None:
     assert data == b"late\n"
     ended = await in_thread(tools.wait_job_ended, arena.stub, job.id)
     assert ended.status == "COMPLETED"
+
+
+PING_FLOOD_FRAMES = 200_000  # 3.4 MB of PING frames: ~3.4 MB of ACKs owed if all were read
+RX_SETTLE_S = 1.5
+
+
+def _server_rx_queue(server_port: int, client_port: int) -> int | None:
+    """Bytes waiting unread in the server's socket of this connection (/proc/net/tcp)."""
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:  # noqa: SIM115
+        fields = line.split()
+        local, remote = fields[1], fields[2]
+        if int(local.split(":")[1], 16) == server_port and (
+            int(remote.split(":")[1], 16) == client_port
+        ):
+            return int(fields[4].split(":")[1], 16)
+    return None
+
+
+def test_a_ping_flood_that_never_reads_is_throttled_not_buffered(
+    test_pki: TestPKI, tmp_path: Path
+) -> None:
+    """A client floods PINGs and never reads the ACKs. The server must stop reading once it
+    owes too much (TCP backpressure on the attacker) instead of queueing ACKs without bound
+    (measured before: +31 MiB of server memory for 2 million PINGs, linear).
+
+    Proof: after the flood, bytes stay unread in the server's socket for as long as the
+    attacker does not read; a server that keeps reading drains them to zero."""
+    with open_arena(test_pki, tmp_path, "--idle-timeout", "60") as arena:
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # never read: keep it small
+        raw.connect((arena.srv.host, arena.srv.port))
+        client_port = raw.getsockname()[1]
+        tls = tools.client_ssl_context(test_pki).wrap_socket(raw, server_hostname="localhost")
+        tls.settimeout(10)
+        try:
+            settings = struct.pack(">I", 0)[1:] + b"\x04\x00" + b"\x00\x00\x00\x00"
+            tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + settings)
+            ping = struct.pack(">I", 8)[1:] + b"\x06\x00" + b"\x00\x00\x00\x00" + b"12345678"
+            batch = ping * 1000
+            with contextlib.suppress(TimeoutError):  # blocked: the server stopped reading
+                for _ in range(PING_FLOOD_FRAMES // 1000):
+                    tls.sendall(batch)
+            time.sleep(RX_SETTLE_S)  # a server that reads on would drain its queue meanwhile
+            unread = _server_rx_queue(arena.srv.port, client_port)
+            assert unread is not None, "the connection is gone"
+            assert unread > 0, "the server read everything it was sent"
+            assert tools.rss_bytes(arena.srv.pid) < arena.resources.rss + 20 * 1024 * 1024
+        finally:
+            raw.close()
