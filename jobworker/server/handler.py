@@ -12,8 +12,10 @@ its grpc-timeout (DEADLINE_EXCEEDED) or by the server closing the connection (UN
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
+import re
 import ssl
 from dataclasses import dataclass
 
@@ -257,16 +259,29 @@ def current_identity_name() -> str:
     return identity.name if identity is not None else "?"
 
 
+# Audit fields come from clients (a job id) or certificates (CN, OU): one line per RPC must stay
+# one line, and short. Plain values are written as they are; anything else JSON-quoted, clipped.
+AUDIT_FIELD_CHARS = 64
+_PLAIN_FIELD = re.compile(r"[A-Za-z0-9._@:+-]{1,64}")
+
+
+def _field(text: str) -> str:
+    if _PLAIN_FIELD.fullmatch(text):
+        return text
+    clipped = text[:AUDIT_FIELD_CHARS]
+    return json.dumps(clipped) + ("..." if len(text) > AUDIT_FIELD_CHARS else "")
+
+
 def _audit(identity: Identity, call: CallRecord, elapsed: float) -> None:
     level = logging.WARNING if call.code == StatusCode.PERMISSION_DENIED else logging.INFO
     audit_log.log(
         level,
         "rpc identity=%s role=%s method=%s op=%s job=%s outcome=%s duration_ms=%.1f",
-        identity.name,
-        identity.role_label,
+        _field(identity.name),
+        _field(identity.role_label),
         call.method,
         operation_name(call.method),
-        call.job_id or "-",
+        _field(call.job_id) if call.job_id else "-",
         call.code.name,
         elapsed * 1000,
     )

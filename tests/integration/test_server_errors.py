@@ -115,6 +115,20 @@ def test_the_audit_line_records_each_outcome(
     assert "Traceback" not in text
 
 
+def test_a_client_cannot_forge_audit_lines(
+    admin: worker_pb2_grpc.JobServiceStub, server: ServerProc
+) -> None:
+    """Ids come from clients: one written raw could end the line and start a fake one."""
+    forged = "1 outcome=OK\n2026-01-01T00:00:00.000Z INFO jobworker.audit rpc identity=root"
+    failure(lambda: admin.GetJob(worker_pb2.GetJobReq(id=forged + "x" * 100), timeout=5))
+    text = server.wait_for_log(r"method=GetJob op=get_job job=.* outcome=NOT_FOUND")
+    lines = text.splitlines()
+    assert not any(line.startswith("2026-01-01T00:00:00.000Z") for line in lines)
+    [audit] = [line for line in lines if "method=GetJob" in line]
+    assert 'job="1 outcome=OK\\n2026-01-01T00:00:00.000Z INFO jobworker.audit' in audit
+    assert '"... outcome=NOT_FOUND duration_ms=' in audit  # clipped to 64 characters
+
+
 # The status table itself, without a server: the paths a running server cannot be made to take.
 
 
