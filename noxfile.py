@@ -37,6 +37,9 @@ def serve(session: nox.Session) -> None:
         "--data-dir",
         str(ROOT / "var"),
         *session.posargs,
+        # Ctrl+C reaches the server directly (same process group); nox must not follow up
+        # with SIGTERM/SIGKILL after its default 0.3 s while jobs are being stopped.
+        interrupt_timeout=30.0,
     )
 
 
