@@ -26,6 +26,13 @@ log = logging.getLogger(__name__)
 PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
 PROC = Path("/proc")
 MAX_REAP_ROUNDS = 10_000  # bounds one reap_once(); the next SIGCHLD continues
+# waitid() names only the first zombie child. When that one is protected (a job's main
+# process: every job's exit), finding the others takes a scan of every /proc/*/stat, ~25 %
+# of the server's CPU in a CreateJob loop. Its owner reaps it within milliseconds and then
+# calls release() + reap_now(), which unblocks waitid: so run() waits for that, and scans
+# only if the protected zombie still blocks the way this long (orphans behind it are then
+# reaped at most this late; PID 1 would take ~1.25 s).
+PROTECTED_ZOMBIE_WAIT_S = 0.1
 
 
 def set_child_subreaper(enable: bool = True) -> None:
@@ -66,6 +73,7 @@ class Reaper:
         self._spawning = 0
         self._wake = trio.Event()
         self.reaped = 0  # orphans reaped so far (for logs and tests)
+        self.scans = 0  # full /proc scans so far (for tests: the costly path)
 
     def enable(self) -> None:
         """Become a child subreaper (needs nothing special; fails only on non-Linux)."""
@@ -98,24 +106,38 @@ class Reaper:
 
     def reap_once(self) -> int:
         """Reap every unprotected zombie child; return how many. A no-op while spawning."""
+        return self._reap(scan=True)[0]
+
+    def _reap(self, *, scan: bool) -> tuple[int, bool]:
+        """Reap unprotected zombie children; return (how many, blocked). ``blocked``: a
+        protected zombie came first and ``scan`` was False, so zombies behind it may remain."""
         if self._spawning:
-            return 0
+            return 0, False
         me = os.getpid()
         count = 0
+        blocked = scanned = False
         # Fast path: waitid(WNOWAIT) names a zombie child without reaping it; none -> done.
         try:
             peek = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         except ChildProcessError:
-            return 0
-        if peek is None:
-            return 0
-        candidates = [peek.si_pid] if peek.si_pid not in self._protected else zombie_children(me)
+            return 0, False
         for _ in range(MAX_REAP_ROUNDS):
+            if peek is None:
+                break
+            if peek.si_pid not in self._protected:
+                candidates = [peek.si_pid]
+            elif scanned:
+                break  # the scan saw every zombie then; later deaths send their own SIGCHLD
+            elif scan:
+                scanned = True
+                self.scans += 1
+                candidates = [p for p in zombie_children(me) if p not in self._protected]
+            else:
+                blocked = True
+                break
             if not candidates:
                 break
             for pid in candidates:
-                if pid in self._protected:
-                    continue
                 try:
                     if os.waitpid(pid, os.WNOHANG)[0] == pid:
                         count += 1
@@ -125,14 +147,8 @@ class Reaper:
                 peek = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             except ChildProcessError:
                 break
-            if peek is None:
-                break
-            if peek.si_pid in self._protected:
-                candidates = [p for p in zombie_children(me) if p not in self._protected]
-            else:
-                candidates = [peek.si_pid]
         self.reaped += count
-        return count
+        return count, blocked
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Reap on every SIGCHLD / reap_now() until cancelled. Must run in the main thread
@@ -147,7 +163,23 @@ class Reaper:
                 nursery.start_soon(forward_signals)
                 task_status.started()
                 self.reap_now()  # anything that died before we listened
+                blocked_since: float | None = None
                 while True:
-                    await self._wake.wait()
-                    self._wake = trio.Event()
-                    self.reap_once()
+                    if blocked_since is None:
+                        await self._wake.wait()
+                    else:
+                        # Deadline from the first blocked round: wake-ups (other jobs'
+                        # SIGCHLDs) must not postpone the scan forever.
+                        with trio.move_on_at(blocked_since + PROTECTED_ZOMBIE_WAIT_S):
+                            await self._wake.wait()
+                    if self._wake.is_set():
+                        self._wake = trio.Event()
+                    overdue = (
+                        blocked_since is not None
+                        and trio.current_time() >= blocked_since + PROTECTED_ZOMBIE_WAIT_S
+                    )
+                    _, blocked = self._reap(scan=overdue)
+                    if not blocked:
+                        blocked_since = None  # done, or scanned: wait for the next wake-up
+                    elif blocked_since is None:
+                        blocked_since = trio.current_time()

@@ -21,6 +21,7 @@ import signal
 import subprocess
 from contextlib import nullcontext
 from dataclasses import replace
+from functools import partial
 from typing import NoReturn
 
 import trio
@@ -106,6 +107,7 @@ class Job:
         self._oom = False
         self._exited_by_itself = False
         self.pid: int | None = None  # the main process, once spawned
+        self._final: JobRecord | None = None  # the snapshot, cached once ended
         if record.status.is_terminal:
             self.ended.set()
 
@@ -115,7 +117,14 @@ class Job:
 
     @property
     def record(self) -> JobRecord:
-        return replace(self._record, output_bytes=self.output.length)
+        if self._final is not None:
+            return self._final
+        snapshot = replace(self._record, output_bytes=self.output.length)
+        if self.ended.is_set():
+            # Ended: neither the record nor the output length changes again. Reused, as
+            # replace() costs ~3 us: 27 ms of every GetJobs over 10,000 finished jobs.
+            self._final = snapshot
+        return snapshot
 
     @property
     def status(self) -> JobStatus:
@@ -144,7 +153,12 @@ class Job:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._pump, process)
                 try:
-                    await self._persist()
+                    # The RUNNING record is not fsynced (two fsyncs, ~24 % of a CreateJob
+                    # loop's server time): if the worker crashes, the page cache still holds
+                    # it (or the INITIALIZING one before it) and the restart marks the job
+                    # LOST; on a power loss its processes are gone too. The final record, the
+                    # one a StopJob returns, stays durable (_finalize).
+                    await self._persist(durable=False)
                     await self._supervise(process)
                 finally:
                     with trio.move_on_after(CLEANUP_TIMEOUT_S, shield=True):
@@ -352,10 +366,10 @@ class Job:
         await self._persist()
         self.ended.set()
 
-    async def _persist(self) -> None:
+    async def _persist(self, *, durable: bool = True) -> None:
         """Save the current record; a failure is logged (the job itself goes on)."""
         try:
-            await trio.to_thread.run_sync(self._store.save, self.record)
+            await trio.to_thread.run_sync(partial(self._store.save, durable=durable), self.record)
         except OSError:
             log.exception("job %s: cannot save its record", self.id)
 

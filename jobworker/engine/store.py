@@ -150,8 +150,9 @@ class JobStore:
         """Write the record atomically (a reader sees the old or the new file, never a mix).
 
         ``durable`` adds the fsyncs that make it survive a power loss, not only a crash of
-        the worker (~1.3 ms here). The engine skips them only for the INITIALIZING record
-        written just before the spawn: a power loss takes that job's process with it.
+        the worker (~1.3 ms here). The engine skips them for the INITIALIZING and RUNNING
+        records: a crash of the worker leaves them in the page cache (the restart marks the
+        job LOST), a power loss takes the job's processes with it. Final records are durable.
         """
         directory = self.job_dir(record.id)
         payload = json.dumps(record_to_json(record), indent=1).encode()

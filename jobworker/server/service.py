@@ -55,6 +55,9 @@ class JobService:
     def __init__(self, manager: JobManager, *, chunk_bytes: int = STREAM_CHUNK_BYTES) -> None:
         self._manager = manager
         self._chunk_bytes = chunk_bytes
+        # job id -> encoded one-job Jobs message, for terminal (immutable) records only.
+        # Jobs are never forgotten by the manager, so this grows with its job table.
+        self._finished_entries: dict[str, bytes] = {}
 
     def methods(self) -> dict[str, Method]:
         """RPC name (as in the proto) -> Method. The handler dispatches through this."""
@@ -90,7 +93,21 @@ class JobService:
         )
 
     async def list_jobs(self, request: pb.EmptyRequest) -> pb.Jobs:
-        return pb.Jobs(jobs=[pb.Job(**job_fields(r)) for r in self._manager.list()])
+        # Concatenated encodings of one-job Jobs messages parse as one Jobs message (a
+        # repeated field appends). Building each Job costs ~5 us (two strftime, the message):
+        # 50-100 ms for 10,000 jobs. A finished job's fields never change, so its encoding is
+        # built once; a running job's is rebuilt each time.
+        entries = [self._listing_entry(record) for record in self._manager.list()]
+        jobs: pb.Jobs = pb.Jobs.FromString(b"".join(entries))
+        return jobs
+
+    def _listing_entry(self, record: JobRecord) -> bytes:
+        entry = self._finished_entries.get(record.id)
+        if entry is None:
+            entry = pb.Jobs(jobs=[pb.Job(**job_fields(record))]).SerializeToString()
+            if record.status.is_terminal:
+                self._finished_entries[record.id] = entry
+        return entry
 
     async def stream_job(self, request: pb.GetJobsStreamReq, send: SendMessage) -> None:
         """History then live output, in chunks of at most 64 KiB, until the job has ended and

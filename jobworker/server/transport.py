@@ -335,8 +335,16 @@ class ServerStream(GRPCProtoStream):  # type: ignore[misc]
     async def next_event(self) -> Event:
         """The next event of this stream (RequestReceived, MessageReceived with raw bytes,
         RequestEnded, BadRequestMessage). A received message's window is handed back here,
-        i.e. only once the handler takes it."""
-        event: Event = await self._incoming_events[1].receive()
+        i.e. only once the handler takes it.
+
+        An event already queued is taken without a checkpoint: a unary RPC reads three
+        (request headers, message, end) queued together, and each checkpoint is a scheduler
+        round with an epoll_wait. The handler's later awaits (the send) still checkpoint."""
+        receive = self._incoming_events[1]
+        try:
+            event: Event = receive.receive_nowait()
+        except anyio.WouldBlock:
+            event = await receive.receive()
         if isinstance(event, MessageReceived):
             self._grpc_connection.acknowledge_received_data(
                 self._stream_id, event.flow_controlled_length

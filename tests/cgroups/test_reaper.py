@@ -78,3 +78,43 @@ async def test_reap_once_holds_off_while_spawning(reaper: Reaper) -> None:
         reaper.protect(proc.pid)
     assert proc.wait() == 0
     reaper.release(proc.pid)
+
+
+async def test_orphan_behind_a_protected_zombie_is_reaped(reaper: Reaper) -> None:
+    """The first zombie waitid() names is protected and its owner does not reap it yet: the
+    orphan behind it is still reaped (by the fallback scan), and the owner keeps its status."""
+    # Forked from this (the main) thread, like the orphans that reparent to us: it comes
+    # first in the children list waitid() walks (trio's open_process forks in a worker
+    # thread, whose children come later).
+    with reaper.spawning():
+        proc = subprocess.Popen(
+            ["/bin/sh", "-c", "sleep 0.05 >/dev/null & echo $!; exit 5"], stdout=subprocess.PIPE
+        )
+        reaper.protect(proc.pid)
+    try:
+        assert proc.stdout is not None
+        orphan = int(proc.stdout.readline())  # the shell exits right after this line
+        await poll_until(lambda: proc_state(proc.pid) == "Z", 5, "the protected zombie")
+        await poll_until(lambda: proc_state(orphan) is None, 5, "the orphan reaped")
+        assert proc_state(proc.pid) == "Z"  # not stolen: still ours to wait for
+        assert reaper.scans >= 1
+        assert proc.wait() == 5
+    finally:
+        reaper.release(proc.pid)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+async def test_no_proc_scan_when_owners_reap_promptly(reaper: Reaper) -> None:
+    """A job's exit (its protected main process dying first) costs no /proc scan: the reaper
+    waits for the owner's release() instead. Orphans are still all reaped."""
+    orphans: list[int] = []
+    for _ in range(20):
+        # The orphan outlives the shell, so the protected shell is the first zombie.
+        status, out = await run_owned(reaper, ["/bin/sh", "-c", "sleep 0.01 & echo $!; exit 0"])
+        assert status == 0
+        orphans.append(int(out))
+    await poll_until(lambda: all(proc_state(pid) is None for pid in orphans), 5, "orphans")
+    # The old reaper scanned on each of these exits; a few may still hit the fallback on a
+    # loaded machine (an owner slower than PROTECTED_ZOMBIE_WAIT_S), not most.
+    assert reaper.scans < 5

@@ -90,6 +90,31 @@ def test_get_and_list_return_every_field_of_finished_jobs(
     assert all(j.maxMemory == 512 and j.endTime for j in jobs)
 
 
+def test_list_shows_a_running_job_then_its_end_and_repeats_finished_entries_exactly(
+    admin: worker_pb2_grpc.JobServiceStub,
+) -> None:
+    # The servicer reuses a finished job's encoded entry: a running job's must not be frozen.
+    done = admin.CreateJob(worker_pb2.CreateJobReq(command="true"), timeout=10)
+    running = admin.CreateJob(worker_pb2.CreateJobReq(command="sleep", args=["30"]), timeout=10)
+    assert wait_status(admin, done.id, "COMPLETED") == "COMPLETED"
+    first = admin.GetJobs(worker_pb2.EmptyRequest(), timeout=5).jobs
+    assert [(j.id, j.status, j.endTime) for j in first] == [
+        (done.id, "COMPLETED", first[0].endTime),
+        (running.id, "RUNNING", ""),
+    ]
+    stopped = admin.StopJob(worker_pb2.StopJobReq(id=running.id), timeout=10)
+    for _ in range(2):  # built, then served from the cache: the same answer
+        jobs = admin.GetJobs(worker_pb2.EmptyRequest(), timeout=5).jobs
+        assert jobs[0] == first[0]
+        assert (jobs[1].id, jobs[1].status, jobs[1].endTime, jobs[1].exitCode) == (
+            running.id,
+            "STOPPED",
+            stopped.endTime,
+            stopped.exitCode,
+        )
+        assert (jobs[1].command, list(jobs[1].args), jobs[1].maxMemory) == ("sleep", ["30"], 512)
+
+
 def test_stream_of_a_finished_job_sends_everything_in_chunks_of_at_most_64_kib(
     admin: worker_pb2_grpc.JobServiceStub,
 ) -> None:
