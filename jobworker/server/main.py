@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import resource
 import sys
 import time
 from collections.abc import Sequence
@@ -230,11 +231,43 @@ def setup_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLevelName(level)))
 
 
+# Each connection holds one descriptor, each running job about four (pipe, pidfd, OOM eventfd,
+# output log) and each stream reader catching up one more: the usual soft limit of 1024 is
+# below --max-connections' default alone.
+_log = logging.getLogger("jobworker.server")
+FDS_PER_CONNECTION = 1
+FD_HEADROOM = 1024  # jobs, readers, records, logs
+
+
+def raise_fd_limit(max_connections: int) -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; warn if it still looks too low.
+
+    Returns (soft before, soft after)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError) as exc:
+            _log.warning("cannot raise the open-file limit from %d: %s", soft, exc)
+            target = soft
+    needed = max_connections * FDS_PER_CONNECTION + FD_HEADROOM
+    if target < needed:
+        _log.warning(
+            "open-file limit %d is below what --max-connections %d may need (~%d)",
+            target,
+            max_connections,
+            needed,
+        )
+    return soft, target
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``jobworker-server``; exits the process."""
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     config = config_from_args(args)
+    raise_fd_limit(config.max_connections)
     try:
         ssl_context = build_server_context(config.certs_dir)
     except CertificateError as exc:

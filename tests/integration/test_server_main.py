@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import resource
 import socket
 import subprocess
 import sys
@@ -175,3 +176,40 @@ def test_servers_on_other_data_dirs_leave_each_others_jobs_alone(
         assert stub.GetJob(worker_pb2.GetJobReq(id="1"), timeout=10).status == "RUNNING"
         stopped = stub.StopJob(worker_pb2.StopJobReq(id="1"), timeout=10)
         assert (stopped.status, stopped.exitCode) == ("STOPPED", 143)
+
+
+def test_the_open_file_limit_is_raised_to_the_hard_limit(test_pki: TestPKI, tmp_path: Path) -> None:
+    """A soft limit of 1024 is below --max-connections' default alone: the server raises it
+    (to the hard limit) at start, so connections and jobs do not fail with EMFILE."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    proc = subprocess.Popen(
+        [
+            "prlimit",
+            f"--nofile={min(256, hard)}:{hard}",
+            sys.executable,
+            "-m",
+            "jobworker.server",
+            "--listen",
+            "127.0.0.1:0",
+            "--certs-dir",
+            str(test_pki.dir),
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--cgroups",
+            "off",
+        ],
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if line.startswith("listening on"):
+                break
+        limits = Path(f"/proc/{proc.pid}/limits").read_text()
+        [row] = [r for r in limits.splitlines() if r.startswith("Max open files")]
+        assert row.split()[3] == str(hard)
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0
