@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,3 +50,74 @@ def skip_unless(condition: bool, reason: str) -> None:
     if IN_CI:
         pytest.fail(f"required in CI but unavailable: {reason}")
     pytest.skip(reason)
+
+
+# /proc inspection: one parser for every test ("pid (comm) S ppid ...": comm may hold spaces and
+# parentheses, so fields are split after the last ')').
+
+
+def _stat_fields(pid: int | str) -> list[bytes] | None:
+    try:
+        data = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    return data[data.rfind(b")") + 2 :].split()
+
+
+def proc_state(pid: int) -> str | None:
+    """Process state letter from /proc/<pid>/stat, None if the pid is gone."""
+    fields = _stat_fields(pid)
+    return None if fields is None else fields[0].decode()
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie (dead but unreaped counts as gone)."""
+    return proc_state(pid) not in (None, "Z", "X")
+
+
+def live_parents() -> dict[int, int]:
+    """pid -> ppid of every live (non-zombie) process."""
+    parents: dict[int, int] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            fields = _stat_fields(entry.name)
+            if fields is not None and fields[0] not in (b"Z", b"X"):
+                parents[int(entry.name)] = int(fields[1])
+    return parents
+
+
+def children_of(pid: int) -> list[int]:
+    """Live direct children of ``pid``."""
+    return [child for child, ppid in live_parents().items() if ppid == pid]
+
+
+def descendants(root: int) -> set[int]:
+    """Live descendants of ``root``, following ppid links."""
+    parents = live_parents()
+    found: set[int] = set()
+    frontier = {root}
+    while frontier:
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
+        found |= frontier
+    return found
+
+
+# Extra flags for every test server, e.g. "--cgroups off" to run the suite on a host without
+# usable cgroups, or "--log-level DEBUG" when chasing a failure.
+ENV_EXTRA_ARGS = "JOBWORKER_TEST_SERVER_ARGS"
+
+
+def server_command(certs_dir: Path, data_dir: Path, *extra_args: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "jobworker.server",
+        "--listen",
+        "127.0.0.1:0",
+        "--certs-dir",
+        str(certs_dir),
+        "--data-dir",
+        str(data_dir),
+        *shlex.split(os.environ.get(ENV_EXTRA_ARGS, "")),
+        *extra_args,
+    ]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,35 +25,3 @@ async def poll_until(predicate: Callable[[], object], within: float, what: str) 
             await trio.sleep(0.005)
         return
     pytest.fail(f"timed out after {within} s waiting for {what}")
-
-
-def proc_state(pid: int) -> str | None:
-    """Process state letter from /proc/<pid>/stat, None if the pid is gone."""
-    try:
-        data = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    return data[data.rfind(b")") + 2 :].split()[0].decode()
-
-
-def alive(pid: int) -> bool:
-    """True when the process exists and is not a zombie (zombies are dead, awaiting reaping)."""
-    return proc_state(pid) not in (None, "Z", "X")
-
-
-def descendants(root: int) -> set[int]:
-    """Live descendants of ``root`` by walking /proc ppid links."""
-    parents: dict[int, int] = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                data = Path(f"/proc/{entry.name}/stat").read_bytes()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(data[data.rfind(b")") + 2 :].split()[1])
-    found: set[int] = set()
-    frontier = {root}
-    while frontier:
-        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
-        found |= frontier
-    return found

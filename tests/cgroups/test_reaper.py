@@ -9,8 +9,9 @@ import pytest
 import trio
 
 from jobworker.cgroups.reaper import Reaper
+from tests.support import proc_state
 
-from .helpers import poll_until, proc_state
+from .helpers import poll_until
 
 
 @pytest.fixture

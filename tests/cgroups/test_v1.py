@@ -14,10 +14,10 @@ from jobworker.cgroups import cgfs
 from jobworker.cgroups.base import Limits
 from jobworker.cgroups.v1 import V1Controller, V1JobCgroup
 from jobworker.errors import LimitRefused
-from tests.support import skip_unless
+from tests.support import descendants, pid_alive, skip_unless
 
 from .conftest import _v1_usable, v1_layout
-from .helpers import TEST_ROOT, alive, descendants, poll_until, spawn
+from .helpers import TEST_ROOT, poll_until, spawn
 
 pytestmark = pytest.mark.cgroups
 
@@ -233,7 +233,7 @@ async def test_tree_kill_gets_setsid_and_term_ignoring_processes(v1: V1Controlle
     await cg.kill(0.1)
     elapsed = trio.current_time() - start
     assert cg.is_empty()
-    assert not [pid for pid in pids if alive(pid)]
+    assert not [pid for pid in pids if pid_alive(pid)]
     assert elapsed < 1.0, elapsed
     assert await proc.wait() in (-9, -15)
     await cg.remove()

@@ -14,8 +14,9 @@ import trio
 from jobworker.cgroups import cgfs
 from jobworker.cgroups.base import Limits
 from jobworker.cgroups.v2 import V2Controller
+from tests.support import pid_alive, proc_state
 
-from .helpers import alive, poll_until, proc_state, spawn
+from .helpers import poll_until, spawn
 
 pytestmark = pytest.mark.cgroups
 
@@ -43,7 +44,7 @@ async def test_placement_populated_and_kill(unified: V2Controller) -> None:
     assert trio.current_time() - start < 1.0
     assert cg.is_empty()
     assert cgfs.read_keyed(cg.directory / "cgroup.events")["populated"] == 0
-    assert not [pid for pid in pids if alive(pid)]
+    assert not [pid for pid in pids if pid_alive(pid)]
     assert await proc.wait() in (-9, -15)
     await cg.remove()
     assert not cg.directory.exists()

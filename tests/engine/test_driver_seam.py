@@ -15,8 +15,9 @@ from jobworker.cgroups.base import Limits, Usage
 from jobworker.cgroups.null import NullCgroup, NullController
 from jobworker.engine import JobSpec, JobStatus, open_job_manager
 from jobworker.engine import job as job_module
+from tests.support import pid_alive
 
-from .helpers import PY, pid_alive, py, sh, wait_ended, wait_output
+from .helpers import PY, py, sh, wait_ended, wait_output
 from .test_stop import IGNORE_TERM
 
 

@@ -12,8 +12,9 @@ import trio.testing
 
 from jobworker.cgroups.base import JobCgroup, Limits, ResourceController, Usage
 from jobworker.cgroups.null import NullCgroup, NullController, live_group_members
+from tests.support import pid_alive
 
-from .helpers import PY, pid_alive, wait_until
+from .helpers import PY, wait_until
 
 IGNORE_TERM_CHILDREN = (
     "import os, signal, time\n"

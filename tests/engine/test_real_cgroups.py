@@ -15,9 +15,9 @@ import trio
 
 from jobworker.cgroups import CgroupsUnavailable, Reaper, detect_controller
 from jobworker.engine import JobManager, JobSpec, JobStatus, open_job_manager
-from tests.support import skip_unless
+from tests.support import pid_alive, skip_unless
 
-from .helpers import PY, pid_alive, sh, wait_ended, wait_output, wait_until
+from .helpers import PY, sh, wait_ended, wait_output, wait_until
 
 pytestmark = pytest.mark.cgroups
 

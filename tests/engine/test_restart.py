@@ -17,8 +17,9 @@ import trio
 
 from jobworker.engine import LOST_REASON, JobManager, JobSpec, JobStatus, open_job_manager
 from jobworker.engine.store import JobStore, record_from_json
+from tests.support import children_of, pid_alive
 
-from .helpers import children_of, pid_alive, py, read_all, sh, wait_ended, wait_output, wait_until
+from .helpers import py, read_all, sh, wait_ended, wait_output, wait_until
 from .test_stop import IGNORE_TERM
 
 

@@ -13,8 +13,9 @@ import trio
 
 from jobworker.engine import JobManager, JobRecord, JobSpec, JobStatus, open_job_manager
 from jobworker.errors import JobNotFound, JobNotRunning
+from tests.support import pid_alive
 
-from .helpers import pid_alive, py, read_all, sh, wait_ended, wait_output, wait_until
+from .helpers import py, read_all, sh, wait_ended, wait_output, wait_until
 
 IGNORE_TERM = (
     "import signal, sys, time\n"

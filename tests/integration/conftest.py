@@ -18,10 +18,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shlex
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -32,6 +30,7 @@ import grpc
 import pytest
 
 from jobworker.server.app import instance_name
+from tests.support import descendants, pid_alive, server_command
 
 if TYPE_CHECKING:
     from tests.conftest import TestPKI
@@ -79,7 +78,7 @@ class ServerProc:
 
     def children(self) -> list[int]:
         """Pids of the server's live descendants (zombies excluded)."""
-        return _descendants(self.process.pid)
+        return sorted(descendants(self.process.pid))
 
     def fd_count(self) -> int:
         return len(os.listdir(f"/proc/{self.process.pid}/fd"))
@@ -110,32 +109,6 @@ class ServerProc:
                 self._log = None
 
 
-def _descendants(pid: int) -> list[int]:
-    """Live descendants of ``pid`` from /proc (children files need CONFIG_PROC_CHILDREN)."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        # comm may contain spaces and parentheses: split after the last ')'
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[0] == "Z":
-            continue
-        parents[int(entry)] = int(fields[1])
-    found: list[int] = []
-    frontier = [pid]
-    while frontier:
-        parent = frontier.pop()
-        for child, ppid in parents.items():
-            if ppid == parent:
-                found.append(child)
-                frontier.append(child)
-    return found
-
-
 def _wait_listening(proc: subprocess.Popen[bytes], log_path: Path) -> str:
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while True:
@@ -150,27 +123,6 @@ def _wait_listening(proc: subprocess.Popen[bytes], log_path: Path) -> str:
             proc.wait()
             raise AssertionError(f"server not listening within {STARTUP_TIMEOUT_S}s:\n{text}")
         time.sleep(0.02)
-
-
-# Extra flags for every test server, e.g. "--cgroups off" to run the suite on a host without
-# usable cgroups, or "--log-level DEBUG" when chasing a failure.
-ENV_EXTRA_ARGS = "JOBWORKER_TEST_SERVER_ARGS"
-
-
-def server_command(certs_dir: Path, data_dir: Path, *extra_args: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "jobworker.server",
-        "--listen",
-        "127.0.0.1:0",
-        "--certs-dir",
-        str(certs_dir),
-        "--data-dir",
-        str(data_dir),
-        *shlex.split(os.environ.get(ENV_EXTRA_ARGS, "")),
-        *extra_args,
-    ]
 
 
 @contextlib.contextmanager
@@ -216,7 +168,7 @@ def start_server(
         # the descendants must be read while the server is alive to know who they are
         before = set(srv.children()) if proc.poll() is None else set()
         code = srv.stop()
-        leftovers = [pid for pid in before if Path(f"/proc/{pid}").exists() and not _zombie(pid)]
+        leftovers = [pid for pid in before if pid_alive(pid)]
         for pid in leftovers:  # never leave a stray process behind a failing test
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -235,16 +187,19 @@ def _cgroup_subtrees(data_dir: Path) -> list[Path]:
     return [top / instance for top in Path("/sys/fs/cgroup").glob("*") if (top / instance).is_dir()]
 
 
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
 @pytest.fixture
 def server(test_pki: TestPKI, tmp_path: Path) -> Iterator[ServerProc]:
     with start_server(test_pki, tmp_path) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def module_server(
+    test_pki: TestPKI, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProc]:
+    """One server shared by every test of a module (starting one per test costs ~1 s): for
+    tests that only need a server to talk to, not a fresh one."""
+    with start_server(test_pki, tmp_path_factory.mktemp("module-server")) as srv:
         yield srv
 
 

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import grpc
 import pytest
@@ -33,26 +33,9 @@ WAIT_S = 10.0
 RFC3339 = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
 
 
-def integration_conftest(config: pytest.Config) -> Any:
-    """tests/integration/conftest.py as pytest loaded it (``tests`` is not a package)."""
-    for plugin in config.pluginmanager.get_plugins():
-        if str(getattr(plugin, "__file__", "")).endswith("integration/conftest.py"):
-            return plugin
-    raise LookupError("tests/integration/conftest.py is not loaded")
-
-
 @pytest.fixture(scope="module")
-def cli_server(
-    request: pytest.FixtureRequest, test_pki: TestPKI, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServerProc]:
-    """One server for the module: starting one per test would cost ~1.2 s each.
-
-    Without cgroups: the CLI tests need none, and a server starting elsewhere on the
-    machine sweeps every ``jobworker/*`` cgroup, killing jobs of servers still running.
-    """
-    start_server = integration_conftest(request.config).start_server
-    with start_server(test_pki, tmp_path_factory.mktemp("cli-server"), "--cgroups", "off") as srv:
-        yield srv
+def cli_server(module_server: ServerProc) -> ServerProc:
+    return module_server
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ import grpc
 import pytest
 
 from jobworker.api import worker_pb2, worker_pb2_grpc
+from tests.support import server_command
 
 if TYPE_CHECKING:
     from tests.conftest import TestPKI
@@ -155,17 +156,12 @@ def test_ctrl_c_while_connecting_exits_130_without_traceback(test_pki: TestPKI) 
 
 
 def test_server_killed_mid_stream_ends_the_cli_with_connection_lost(
-    test_pki: TestPKI, tmp_path: Path, request: pytest.FixtureRequest
+    test_pki: TestPKI, tmp_path: Path
 ) -> None:
-    conftest = next(
-        plugin
-        for plugin in request.config.pluginmanager.get_plugins()
-        if str(getattr(plugin, "__file__", "")).endswith("integration/conftest.py")
-    )
     log_path = tmp_path / "server.log"
     with log_path.open("wb") as log:
         server = subprocess.Popen(
-            conftest.server_command(test_pki.dir, tmp_path / "data", "--cgroups", "off"),
+            server_command(test_pki.dir, tmp_path / "data", "--cgroups", "off"),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,

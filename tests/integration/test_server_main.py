@@ -15,6 +15,7 @@ import grpc
 import pytest
 
 from jobworker.api import worker_pb2, worker_pb2_grpc
+from tests.support import server_command
 
 if TYPE_CHECKING:
     from tests.conftest import TestPKI
@@ -186,17 +187,7 @@ def test_the_open_file_limit_is_raised_to_the_hard_limit(test_pki: TestPKI, tmp_
         [
             "prlimit",
             f"--nofile={min(256, hard)}:{hard}",
-            sys.executable,
-            "-m",
-            "jobworker.server",
-            "--listen",
-            "127.0.0.1:0",
-            "--certs-dir",
-            str(test_pki.dir),
-            "--data-dir",
-            str(tmp_path / "data"),
-            "--cgroups",
-            "off",
+            *server_command(test_pki.dir, tmp_path / "data", "--cgroups", "off"),
         ],
         stdin=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

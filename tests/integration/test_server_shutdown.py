@@ -10,13 +10,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
 import pytest
 
 from jobworker.api import worker_pb2, worker_pb2_grpc
+from tests.support import pid_alive
 
 if TYPE_CHECKING:
     from tests.integration.conftest import ServerFactory, ServerProc
@@ -53,14 +53,6 @@ def record(srv: ServerProc, job_id: str) -> dict[str, object]:
     return data
 
 
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_with_jobs_and_streams_active_ends_everything_and_exits_0(
     server_factory: ServerFactory, grpc_credentials_for: Credentials, signum: int
@@ -86,7 +78,7 @@ def test_a_signal_with_jobs_and_streams_active_ends_everything_and_exits_0(
             reader.join(5)
             assert not reader.is_alive(), "a stream client hung after the server exited"
             assert reader.code == grpc.StatusCode.UNAVAILABLE
-        assert [pid for pid in processes if alive(pid)] == []
+        assert [pid for pid in processes if pid_alive(pid)] == []
         for job in (sleeper, chatty):
             assert record(srv, job.id)["status"] == "STOPPED"
             assert record(srv, job.id)["reason"] == "worker shutdown"
@@ -122,5 +114,5 @@ def test_a_second_signal_forces_the_exit(
             assert "SIGTERM received again: exiting now" in srv.log_text()
         finally:
             for pid in processes:  # what a forced exit leaves behind, by design
-                if alive(pid):
+                if pid_alive(pid):
                     os.kill(pid, signal.SIGKILL)
