@@ -12,9 +12,10 @@ import logging
 import resource
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import trio
 
@@ -76,34 +77,29 @@ def parse_listen(value: str) -> Address:
     return host, port
 
 
-def _positive_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-    if not number > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0: {value!r}")
-    return number
+def _bounded(
+    convert: Callable[[str], float], noun: str, low: float, *, inclusive: bool
+) -> Callable[[str], Any]:
+    """An argparse type: ``convert`` the text, refuse values below ``low`` (or equal to it
+    unless ``inclusive``) and NaN."""
+
+    def parse(value: str) -> float:
+        try:
+            number = convert(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {noun}: {value!r}") from None
+        if not (number >= low if inclusive else number > low):
+            raise argparse.ArgumentTypeError(
+                f"must be {'>=' if inclusive else '>'} {low}: {value!r}"
+            )
+        return number
+
+    return parse
 
 
-def _non_negative_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-    if not number >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0: {value!r}")
-    return number
-
-
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0: {value!r}")
-    return number
+_positive_float = _bounded(float, "a number", 0, inclusive=False)
+_non_negative_float = _bounded(float, "a number", 0, inclusive=True)
+_positive_int = _bounded(int, "an integer", 1, inclusive=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
