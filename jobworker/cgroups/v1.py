@@ -19,9 +19,9 @@ import trio
 
 from jobworker.cgroups import cgfs
 from jobworker.cgroups.base import Limits, Usage
-from jobworker.cgroups.blockdev import log_io_coverage, writable_block_devices
+from jobworker.cgroups.controller import CgroupController
 from jobworker.cgroups.kill import kill_rounds, terminate_phase, wait_until
-from jobworker.cgroups.layout import MOUNTINFO, Hierarchy, parse_mountinfo
+from jobworker.cgroups.layout import Hierarchy
 from jobworker.cgroups.shim import shim_argv
 from jobworker.errors import JobStartFailed
 
@@ -181,7 +181,7 @@ class V1JobCgroup:
             self._oom_eventfd = None
 
 
-class V1Controller:
+class V1Controller(CgroupController):
     """Creates job cgroups under the server's own cgroup in each v1 hierarchy.
 
     ``hierarchies`` maps controller name -> Hierarchy (co-mounted controllers share one).
@@ -224,13 +224,6 @@ class V1Controller:
         for root in self.roots():
             # root_name may be nested ("jobworker/<instance>"): make the shared parent too.
             root.mkdir(parents=True, exist_ok=True)
-
-    def io_devices(self) -> list[str]:
-        if self._io_devices is None:
-            devices, skipped = writable_block_devices(parse_mountinfo(MOUNTINFO.read_text()))
-            log_io_coverage(devices, skipped)
-            self._io_devices = devices
-        return self._io_devices
 
     def _job_dirs(self, job_id: str) -> dict[str, Path]:
         return {name: h.own_dir / self.root_name / job_id for name, h in self._hierarchies.items()}
@@ -299,27 +292,5 @@ class V1Controller:
             probe.mkdir()
             probe.rmdir()
 
-    def existing_job_ids(self) -> list[str]:
-        ids: set[str] = set()
-        for root in self.roots():
-            try:
-                ids.update(e.name for e in os.scandir(root) if e.is_dir())
-            except FileNotFoundError:
-                continue
-        return sorted(ids, key=lambda s: (len(s), s))
-
-    async def sweep(self) -> list[str]:
-        """Kill the processes of every leftover ``<root_name>/*`` cgroup and remove it."""
-        swept = self.existing_job_ids()
-        for job_id in swept:
-            dirs = {n: d for n, d in self._job_dirs(job_id).items() if d.is_dir()}
-            cgroup = V1JobCgroup(job_id, dirs)
-            await cgroup.kill(0)
-            await cgroup.remove()
-        if swept:
-            log.warning("swept %d leftover job cgroup(s): %s", len(swept), ", ".join(swept))
-        return swept
-
-    async def remove_roots(self) -> None:
-        """Remove the (empty) ``<root_name>`` directories; for tests and clean uninstall."""
-        await cgfs.remove_dirs(self.roots())
+    def _leftover(self, job_id: str) -> V1JobCgroup:
+        return V1JobCgroup(job_id, {n: d for n, d in self._job_dirs(job_id).items() if d.is_dir()})

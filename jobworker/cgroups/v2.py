@@ -26,10 +26,10 @@ import trio
 
 from jobworker.cgroups import cgfs
 from jobworker.cgroups.base import Limits, Usage
-from jobworker.cgroups.blockdev import log_io_coverage, writable_block_devices
+from jobworker.cgroups.controller import CgroupController
 from jobworker.cgroups.inotify import FileWatch
 from jobworker.cgroups.kill import ROUND_WAIT_S, kill_rounds, terminate_phase, wait_until
-from jobworker.cgroups.layout import MOUNTINFO, Hierarchy, parse_mountinfo
+from jobworker.cgroups.layout import Hierarchy
 from jobworker.cgroups.shim import shim_argv
 from jobworker.errors import JobStartFailed, LimitRefused
 
@@ -135,7 +135,7 @@ class V2JobCgroup:
         await cgfs.remove_dirs([self.directory])
 
 
-class V2Controller:
+class V2Controller(CgroupController):
     """Creates job cgroups in the unified hierarchy under the server's own cgroup.
 
     ``controllers``: None = every one of cpu/io/memory/pids that ``<own>/cgroup.controllers``
@@ -207,13 +207,6 @@ class V2Controller:
             level = level / part
             cgfs.write_file(level / "cgroup.subtree_control", self._enable_line())
 
-    def io_devices(self) -> list[str]:
-        if self._io_devices is None:
-            devices, skipped = writable_block_devices(parse_mountinfo(MOUNTINFO.read_text()))
-            log_io_coverage(devices, skipped)
-            self._io_devices = devices
-        return self._io_devices
-
     def create(self, job_id: str, limits: Limits) -> V2JobCgroup:
         """mkdir the job's cgroup and write its limits; on refusal remove it and raise
         LimitRefused naming the limit (JobStartFailed if the mkdir itself fails)."""
@@ -264,24 +257,5 @@ class V2Controller:
         probe.mkdir()
         probe.rmdir()
 
-    def existing_job_ids(self) -> list[str]:
-        try:
-            ids = [e.name for e in os.scandir(self.root) if e.is_dir()]
-        except FileNotFoundError:
-            return []
-        return sorted(ids, key=lambda s: (len(s), s))
-
-    async def sweep(self) -> list[str]:
-        """Kill the processes of every leftover ``<root_name>/*`` cgroup and remove it."""
-        swept = self.existing_job_ids()
-        for job_id in swept:
-            cgroup = V2JobCgroup(job_id, self.root / job_id, self.controllers)
-            await cgroup.kill(0)
-            await cgroup.remove()
-        if swept:
-            log.warning("swept %d leftover job cgroup(s): %s", len(swept), ", ".join(swept))
-        return swept
-
-    async def remove_roots(self) -> None:
-        """Remove the (empty) ``<root_name>`` directory; for tests and clean uninstall."""
-        await cgfs.remove_dirs(self.roots())
+    def _leftover(self, job_id: str) -> V2JobCgroup:
+        return V2JobCgroup(job_id, self.root / job_id, self.controllers)
