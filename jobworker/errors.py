@@ -83,7 +83,3 @@ class PermissionDenied(JobWorkerError):
         super().__init__(f"role {role} is not allowed to perform operation {operation}")
         self.role = role
         self.operation = operation
-
-
-class Unauthenticated(JobWorkerError):
-    """Raised when a call carries no verified client identity."""

@@ -19,7 +19,6 @@ from jobworker.errors import (
     JobStartFailed,
     JobWorkerError,
     PermissionDenied,
-    Unauthenticated,
 )
 
 log = logging.getLogger(__name__)
@@ -33,7 +32,6 @@ STATUS_TABLE: dict[type[JobWorkerError], StatusCode] = {
     JobNotRunning: StatusCode.FAILED_PRECONDITION,
     InvalidJobSpec: StatusCode.INVALID_ARGUMENT,
     PermissionDenied: StatusCode.PERMISSION_DENIED,
-    Unauthenticated: StatusCode.UNAUTHENTICATED,
     JobStartFailed: StatusCode.INTERNAL,  # its message is written to be safe to show
 }
 

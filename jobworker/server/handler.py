@@ -30,7 +30,7 @@ from purerpc.grpclib.status import Status, StatusCode
 from jobworker.server.auth import authorize, operation_name
 from jobworker.server.config import ConnectionLimits
 from jobworker.server.errors import RpcError, status_for, unwrap
-from jobworker.server.identity import Identity, current_identity
+from jobworker.server.identity import Identity
 from jobworker.server.service import SERVICE_NAME, Method
 from jobworker.server.tls import Peer
 from jobworker.server.transport import BadRequestMessage, ServerSocket, ServerStream
@@ -78,7 +78,6 @@ class ConnectionHandler:
         On cancellation every RPC task is cancelled and the socket is closed; nothing of the
         connection survives this call.
         """
-        current_identity.set(peer.identity)  # inherited by every RPC task spawned below
         sock = ServerSocket(
             self._config,
             peer.stream,
@@ -97,7 +96,7 @@ class ConnectionHandler:
                                 nursery.start_soon(self._serve_rpc, sock, stream, peer.identity)
 
                             nursery.start_soon(
-                                self._close_gracefully_when_due, sock, closing, nursery
+                                self._close_gracefully_when_due, sock, closing, nursery, peer
                             )
                             why = await sock.run(spawn)
                             nursery.cancel_scope.cancel()  # the peer is gone: cancel its RPCs
@@ -123,7 +122,7 @@ class ConnectionHandler:
             log.log(level, "connection from %s (%s) ended: %s", remote, peer.identity.name, why)
 
     async def _close_gracefully_when_due(
-        self, sock: ServerSocket, closing: trio.Event, nursery: trio.Nursery
+        self, sock: ServerSocket, closing: trio.Event, nursery: trio.Nursery, peer: Peer
     ) -> None:
         """Close the connection when the server shuts down or no RPC ran for idle_timeout:
         GOAWAY (no new RPC), cancel running RPCs (they answer UNAVAILABLE), wait for them
@@ -137,7 +136,7 @@ class ConnectionHandler:
             due = sock.last_activity + idle
             if not sock.streams and now >= due:
                 sock.close_reason = f"idle for {idle:g}s"
-                log.info("closing idle connection (%s)", current_identity_name())
+                log.info("closing idle connection (%s)", peer.identity.name)
                 break
             with trio.move_on_at(due if now < due else now + idle):
                 await closing.wait()
@@ -252,11 +251,6 @@ class ConnectionHandler:
             return request_type.FromString(data)
         except DecodeError:
             raise RpcError(StatusCode.INVALID_ARGUMENT, "malformed request message") from None
-
-
-def current_identity_name() -> str:
-    identity = current_identity.get()
-    return identity.name if identity is not None else "?"
 
 
 # Audit fields come from clients (a job id) or certificates (CN, OU): one line per RPC must stay

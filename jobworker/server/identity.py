@@ -1,14 +1,8 @@
-"""Who is calling: the identity read from the verified client certificate.
-
-The TLS layer reads the peer certificate once per connection and sets
-``current_identity`` in the connection's task; every RPC task of that
-connection is spawned from it and inherits the value (Trio copies the
-context into child tasks).
-"""
+"""Who is calling: the identity read from the verified client certificate, once per
+connection (tls.py); the connection handler passes it to each RPC of the connection."""
 
 from __future__ import annotations
 
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,9 +20,6 @@ class Identity:
     def role_label(self) -> str:
         """The role as shown to people: the OU, or ``none`` for a certificate without one."""
         return self.role if self.role is not None else NO_ROLE
-
-
-current_identity: ContextVar[Identity | None] = ContextVar("current_identity", default=None)
 
 
 def identity_from_peer_cert(cert: dict[str, Any] | None) -> Identity | None:

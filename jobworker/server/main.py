@@ -235,10 +235,8 @@ FDS_PER_CONNECTION = 1
 FD_HEADROOM = 1024  # jobs, readers, records, logs
 
 
-def raise_fd_limit(max_connections: int) -> tuple[int, int]:
-    """Raise the soft RLIMIT_NOFILE to the hard limit; warn if it still looks too low.
-
-    Returns (soft before, soft after)."""
+def raise_fd_limit(max_connections: int) -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; warn if it still looks too low."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
     if soft < target:
@@ -255,7 +253,6 @@ def raise_fd_limit(max_connections: int) -> tuple[int, int]:
             max_connections,
             needed,
         )
-    return soft, target
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -279,6 +276,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         if isinstance(leaf, ListenError):
             print(f"jobworker-server: {leaf}", file=sys.stderr)
             sys.exit(EXIT_RUNTIME)
-        logging.getLogger("jobworker.server").critical("server failed", exc_info=exc)
+        _log.critical("server failed", exc_info=exc)
         sys.exit(EXIT_RUNTIME)
     sys.exit(0)

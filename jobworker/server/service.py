@@ -52,9 +52,8 @@ def job_fields(record: JobRecord) -> dict[str, Any]:
 class JobService:
     """job_worker.JobService over a JobManager."""
 
-    def __init__(self, manager: JobManager, *, chunk_bytes: int = STREAM_CHUNK_BYTES) -> None:
+    def __init__(self, manager: JobManager) -> None:
         self._manager = manager
-        self._chunk_bytes = chunk_bytes
         # job id -> encoded one-job Jobs message, for terminal (immutable) records only.
         # Jobs are never forgotten by the manager, so this grows with its job table.
         self._finished_entries: dict[str, bytes] = {}
@@ -114,7 +113,7 @@ class JobService:
         every byte was sent. ``send`` waits on HTTP/2 flow control: a slow reader holds at most
         one chunk here (the engine never waits for it). On cancellation the reader is
         released by the engine's context manager."""
-        follow = self._manager.follow(request.id, offset=0, max_chunk=self._chunk_bytes)
+        follow = self._manager.follow(request.id, offset=0, max_chunk=STREAM_CHUNK_BYTES)
         async with follow as reader:
             async for chunk in reader:
                 await send(pb.DataChunk(payload=chunk))

@@ -573,6 +573,3 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
         except h2.exceptions.H2Error:
             return
         await self._socket.flush()
-
-    async def flush(self) -> None:
-        await self._socket.flush()

@@ -21,7 +21,7 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -127,7 +127,11 @@ def _wait_listening(proc: subprocess.Popen[bytes], log_path: Path) -> str:
 
 @contextlib.contextmanager
 def start_server(
-    test_pki: TestPKI, tmp_path: Path, *extra_args: str, expect_exit: int | None = 0
+    test_pki: TestPKI,
+    tmp_path: Path,
+    *extra_args: str,
+    expect_exit: int | None = 0,
+    wrapper: Sequence[str] = (),
 ) -> Iterator[ServerProc]:
     """Run a server for the duration of the block; assert a clean SIGTERM exit afterwards.
 
@@ -138,7 +142,7 @@ def start_server(
     log_path = tmp_path / f"server-{time.monotonic_ns()}.log"
     log = log_path.open("wb")
     proc = subprocess.Popen(
-        server_command(test_pki.dir, data_dir, *extra_args),
+        [*wrapper, *server_command(test_pki.dir, data_dir, *extra_args)],
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=log,
@@ -216,13 +220,15 @@ def server_factory(test_pki: TestPKI, tmp_path: Path) -> ServerFactory:
     count = 0
 
     def factory(
-        *extra_args: str, expect_exit: int | None = 0
+        *extra_args: str, expect_exit: int | None = 0, wrapper: Sequence[str] = ()
     ) -> contextlib.AbstractContextManager[ServerProc]:
         nonlocal count
         count += 1
         directory = tmp_path / f"server{count}" if count > 1 else tmp_path
         directory.mkdir(exist_ok=True)
-        return start_server(test_pki, directory, *extra_args, expect_exit=expect_exit)
+        return start_server(
+            test_pki, directory, *extra_args, expect_exit=expect_exit, wrapper=wrapper
+        )
 
     return factory
 

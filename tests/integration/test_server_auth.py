@@ -126,7 +126,7 @@ def test_identity_is_per_connection_under_interleaved_calls(
     viewer = worker_pb2_grpc.JobServiceStub(grpc_channel_for("viewer-client"))
 
     def as_admin(_: int) -> str:
-        return str(admin.GetJobs(worker_pb2.EmptyRequest(), timeout=10).jobs is not None)
+        return str(len(admin.GetJobs(worker_pb2.EmptyRequest(), timeout=10).jobs))
 
     def as_viewer(_: int) -> str:
         try:
@@ -138,7 +138,7 @@ def test_identity_is_per_connection_under_interleaved_calls(
     with ThreadPoolExecutor(8) as pool:
         admin_results = pool.map(as_admin, range(100))
         viewer_results = pool.map(as_viewer, range(100))
-        assert set(admin_results) == {"True"}
+        assert set(admin_results) == {"0"}  # allowed, and answered from the (empty) table
         assert set(viewer_results) == {"role viewer is not allowed to perform operation stop_job"}
 
 

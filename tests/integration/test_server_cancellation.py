@@ -54,6 +54,7 @@ def wait_ready(stub: worker_pb2_grpc.JobServiceStub, job_id: str) -> None:
     for chunk in stub.GetJobsStream(worker_pb2.GetJobsStreamReq(id=job_id), timeout=10):
         if b"ready" in chunk.payload:
             return
+    raise AssertionError(f"job {job_id} ended without printing 'ready'")
 
 
 def test_a_client_deadline_shorter_than_the_stop_cancels_the_handler(
@@ -159,11 +160,8 @@ def test_100_cancelled_streams_leave_tasks_and_files_where_they_were(
         admin = worker_pb2_grpc.JobServiceStub(channel)
         job = admin.CreateJob(worker_pb2.CreateJobReq(command=sys.executable, args=CHATTY))
         cancel_mid_stream(admin, job.id)  # warm-up: anything created lazily exists now
-
-        def streams_done(count: int) -> Callable[[], bool]:
-            return lambda: len(audit_outcomes(server, "GetJobsStream", job.id)) >= count
-
-        wait_until(streams_done(1), 5, "the warm-up stream's audit line")
+        audit_line = AUDIT_RE.format(method="GetJobsStream", job=job.id)
+        server.wait_for_log(audit_line, timeout=5)
         baseline_tasks, baseline_connections = server.debug_counts()
         baseline_fds = server.fd_count()
         assert baseline_connections == 1
@@ -175,7 +173,7 @@ def test_100_cancelled_streams_leave_tasks_and_files_where_they_were(
             with grpc.secure_channel(server.address, credentials) as other:
                 cancel_mid_stream(worker_pb2_grpc.JobServiceStub(other), job.id)
 
-        wait_until(streams_done(111), 10, "111 audit lines")
+        server.wait_for_log(audit_line, timeout=10, count=111)
         outcomes = {code for code, _ in audit_outcomes(server, "GetJobsStream", job.id)}
         assert outcomes == {"CANCELLED"}
         wait_until(lambda: server.debug_counts() == (baseline_tasks, 1), 10, "tasks to settle")

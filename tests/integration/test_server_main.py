@@ -15,7 +15,6 @@ import grpc
 import pytest
 
 from jobworker.api import worker_pb2, worker_pb2_grpc
-from tests.support import server_command
 
 if TYPE_CHECKING:
     from tests.conftest import TestPKI
@@ -179,28 +178,11 @@ def test_servers_on_other_data_dirs_leave_each_others_jobs_alone(
         assert (stopped.status, stopped.exitCode) == ("STOPPED", 143)
 
 
-def test_the_open_file_limit_is_raised_to_the_hard_limit(test_pki: TestPKI, tmp_path: Path) -> None:
+def test_the_open_file_limit_is_raised_to_the_hard_limit(server_factory: ServerFactory) -> None:
     """A soft limit of 1024 is below --max-connections' default alone: the server raises it
     (to the hard limit) at start, so connections and jobs do not fail with EMFILE."""
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    proc = subprocess.Popen(
-        [
-            "prlimit",
-            f"--nofile={min(256, hard)}:{hard}",
-            *server_command(test_pki.dir, tmp_path / "data", "--cgroups", "off"),
-        ],
-        stdin=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            if line.startswith("listening on"):
-                break
-        limits = Path(f"/proc/{proc.pid}/limits").read_text()
-        [row] = [r for r in limits.splitlines() if r.startswith("Max open files")]
-        assert row.split()[3] == str(hard)
-    finally:
-        proc.terminate()
-        assert proc.wait(timeout=10) == 0
+    with server_factory(wrapper=["prlimit", f"--nofile={min(256, hard)}:{hard}"]) as srv:
+        limits = Path(f"/proc/{srv.process.pid}/limits").read_text()
+    [row] = [r for r in limits.splitlines() if r.startswith("Max open files")]
+    assert row.split()[3] == str(hard)

@@ -77,7 +77,7 @@ class Arena:
 
 
 def make_arena(srv: ServerProc, test_pki: TestPKI) -> Iterator[Arena]:
-    channel = grpc.secure_channel(srv.address, tools.grpc_credentials(test_pki))
+    channel = grpc.secure_channel(srv.address, tools.grpc_credentials(test_pki, "admin-client"))
     stub = worker_pb2_grpc.JobServiceStub(channel)
     probe: tools.Probe | None = None
     try:

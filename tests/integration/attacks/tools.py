@@ -37,6 +37,8 @@ import h2.settings
 import trio
 
 from jobworker.api import worker_pb2, worker_pb2_grpc
+from jobworker.engine import JobStatus
+from tests.integration.conftest import grpc_credentials
 
 if TYPE_CHECKING:
     from tests.conftest import TestPKI
@@ -199,16 +201,6 @@ def is_pattern_prefix(data: bytes) -> bool:
 # grpcio: the well-behaved client
 # --------------------------------------------------------------------------------------------
 
-TERMINAL = frozenset({"COMPLETED", "FAILED", "STOPPED", "LOST"})
-
-
-def grpc_credentials(test_pki: TestPKI, stem: str = "admin-client") -> grpc.ChannelCredentials:
-    return grpc.ssl_channel_credentials(
-        root_certificates=test_pki.ca_cert.read_bytes(),
-        private_key=test_pki.key(stem).read_bytes(),
-        certificate_chain=test_pki.cert(stem).read_bytes(),
-    )
-
 
 @contextlib.contextmanager
 def grpc_stub(
@@ -229,7 +221,7 @@ def wait_job_ended(
     deadline = time.monotonic() + timeout
     while True:
         job = stub.GetJob(worker_pb2.GetJobReq(id=job_id), timeout=PROBE_TIMEOUT_S)
-        if job.status in TERMINAL:
+        if JobStatus(job.status).is_terminal:
             return job
         if time.monotonic() > deadline:
             raise AssertionError(f"job {job_id} still {job.status} after {timeout}s")
@@ -276,7 +268,8 @@ class Probe:
 
     def _stub(self) -> tuple[worker_pb2_grpc.JobServiceStub, grpc.Channel]:
         if self.fresh or self._channel is None:
-            channel = grpc.secure_channel(self.address, grpc_credentials(self.test_pki))
+            credentials = grpc_credentials(self.test_pki, "admin-client")
+            channel = grpc.secure_channel(self.address, credentials)
             if not self.fresh:
                 self._channel = channel
         else:
