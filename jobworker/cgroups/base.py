@@ -66,10 +66,6 @@ class JobCgroup(Protocol):
         (event-driven, or a slow poll of a counter file)."""
         ...
 
-    def is_empty(self) -> bool:
-        """True when no process of the job is left alive (zombies being reaped count as gone)."""
-        ...
-
     async def kill(self, grace: float) -> None:
         """End every process of the job. With grace > 0: SIGTERM to all, wait until they are
         gone or ``grace`` seconds passed (returns early when empty), then SIGKILL whatever is

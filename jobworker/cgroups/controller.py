@@ -4,7 +4,6 @@ job cgroups under their roots."""
 from __future__ import annotations
 
 import abc
-import logging
 import os
 from pathlib import Path
 
@@ -12,8 +11,6 @@ from jobworker.cgroups import cgfs
 from jobworker.cgroups.base import JobCgroup
 from jobworker.cgroups.blockdev import log_io_coverage, writable_block_devices
 from jobworker.cgroups.layout import MOUNTINFO, parse_mountinfo
-
-log = logging.getLogger(__name__)
 
 
 class CgroupController(abc.ABC):
@@ -55,9 +52,7 @@ class CgroupController(abc.ABC):
             cgroup = self._leftover(job_id)
             await cgroup.kill(0)
             await cgroup.remove()
-        if swept:
-            log.warning("swept %d leftover job cgroup(s): %s", len(swept), ", ".join(swept))
-        return swept
+        return swept  # the caller logs them (the engine, once, for every driver)
 
     async def remove_roots(self) -> None:
         """Remove the (empty) ``<root_name>`` directories: at clean shutdown, and in tests."""

@@ -85,9 +85,6 @@ class NullCgroup:
         """Never returns: without a memory cgroup there is no OOM counter to watch."""
         await trio.sleep_forever()
 
-    def is_empty(self) -> bool:
-        return self._pgid is None or not live_group_members(self._pgid)
-
     async def _is_empty(self) -> bool:
         if self._pgid is None:
             return True

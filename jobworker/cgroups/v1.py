@@ -43,7 +43,6 @@ class V1JobCgroup:
         self.job_id = job_id
         self._dirs = dict(dirs)
         self._unique = list(dict.fromkeys(self._dirs.values()))
-        self._pid: int | None = None
         self._oom_eventfd: int | None = None
         self._removed = False
 
@@ -53,8 +52,7 @@ class V1JobCgroup:
         return shim_argv([d / "cgroup.procs" for d in self._unique], argv)
 
     def attach(self, pid: int) -> None:
-        """Record the main pid (for logs); placement happens in the shim."""
-        self._pid = pid
+        """Nothing to do: placement happens in the shim."""
 
     def placed(self, pid: int) -> bool:
         # The shim writes the hierarchies in this order: in the last one means in all.

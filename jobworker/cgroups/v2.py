@@ -48,14 +48,12 @@ class V2JobCgroup:
         self.job_id = job_id
         self.directory = directory
         self._controllers = controllers
-        self._pid: int | None = None
 
     def wrap_argv(self, argv: Sequence[str]) -> list[str]:
         return shim_argv([self.directory / "cgroup.procs"], argv)
 
     def attach(self, pid: int) -> None:
-        """Record the main pid (for logs); placement happens in the shim."""
-        self._pid = pid
+        """Nothing to do: placement happens in the shim."""
 
     def placed(self, pid: int) -> bool:
         return str(pid) in (cgfs.read_text(self.directory / "cgroup.procs") or "").split()

@@ -23,7 +23,7 @@ from jobworker.engine.output import OutputLog, OutputReader
 from jobworker.engine.reaping import Reaper
 from jobworker.engine.spec import job_environment, resolve_command, validate_spec
 from jobworker.engine.store import JobStore
-from jobworker.errors import JobNotFound, JobNotRunning, JobStartFailed, LimitRefused
+from jobworker.errors import JobNotFound, JobNotRunning, JobStartFailed
 
 __all__ = ["JobManager", "open_job_manager"]
 
@@ -85,8 +85,6 @@ class JobManager:
         job_id = str(self._next_id)
         try:
             cgroup = self._controller.create(job_id, limits)
-        except LimitRefused:
-            raise
         except OSError:
             log.exception("job %s: cannot create its cgroup", job_id)
             raise JobStartFailed("could not create the job's resource controls") from None
