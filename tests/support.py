@@ -8,6 +8,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 
 from jobworker import pki
@@ -121,3 +122,12 @@ def server_command(certs_dir: Path, data_dir: Path, *extra_args: str) -> list[st
         *shlex.split(os.environ.get(ENV_EXTRA_ARGS, "")),
         *extra_args,
     ]
+
+
+def grpc_credentials(test_pki: TestPKI, stem: str) -> grpc.ChannelCredentials:
+    """Channel credentials for the client pair ``<stem>-cert.pem`` / ``<stem>-key.pem``."""
+    return grpc.ssl_channel_credentials(
+        root_certificates=test_pki.ca_cert.read_bytes(),
+        private_key=test_pki.key(stem).read_bytes(),
+        certificate_chain=test_pki.cert(stem).read_bytes(),
+    )

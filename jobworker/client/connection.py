@@ -434,8 +434,7 @@ class Connection:
         elif isinstance(event, ResponseEnded):
             call._finish(event.status)
         elif isinstance(event, StreamReset):
-            error = _reset_error(event.error_code)
-            call._fail(lambda: RpcError(error.code_name, error.message))
+            call._fail(functools.partial(_reset_error, event.error_code))
         elif isinstance(event, StreamEnded) and not call.finished:
             call._fail(lambda: RpcError("INTERNAL", "the server ended the call without a status"))
 

@@ -30,7 +30,7 @@ import grpc
 import pytest
 
 from jobworker.server.app import instance_name
-from tests.support import descendants, pid_alive, server_command
+from tests.support import descendants, grpc_credentials, pid_alive, server_command
 
 if TYPE_CHECKING:
     from tests.conftest import TestPKI
@@ -231,15 +231,6 @@ def server_factory(test_pki: TestPKI, tmp_path: Path) -> ServerFactory:
         )
 
     return factory
-
-
-def grpc_credentials(test_pki: TestPKI, stem: str) -> grpc.ChannelCredentials:
-    """Channel credentials for the client pair ``<stem>-cert.pem`` / ``<stem>-key.pem``."""
-    return grpc.ssl_channel_credentials(
-        root_certificates=test_pki.ca_cert.read_bytes(),
-        private_key=test_pki.key(stem).read_bytes(),
-        certificate_chain=test_pki.cert(stem).read_bytes(),
-    )
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ import pytest
 from jobworker import pki
 from jobworker.api import worker_pb2, worker_pb2_grpc
 from jobworker.cli import main
+from tests.support import grpc_credentials
 
 if TYPE_CHECKING:
     from tests.conftest import TestPKI
@@ -40,12 +41,7 @@ def cli_server(module_server: ServerProc) -> ServerProc:
 
 @pytest.fixture(scope="module")
 def stub(test_pki: TestPKI, cli_server: ServerProc) -> Iterator[worker_pb2_grpc.JobServiceStub]:
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=test_pki.ca_cert.read_bytes(),
-        private_key=test_pki.key("admin-client").read_bytes(),
-        certificate_chain=test_pki.cert("admin-client").read_bytes(),
-    )
-    channel = grpc.secure_channel(cli_server.address, credentials)
+    channel = grpc.secure_channel(cli_server.address, grpc_credentials(test_pki, "admin-client"))
     yield worker_pb2_grpc.JobServiceStub(channel)
     channel.close()
 
@@ -282,11 +278,12 @@ def test_json_output_of_every_command(cli: CLI, stub, where: str) -> None:
     assert isinstance(listed, list)
     assert next(job for job in listed if job["id"] == job_id)["command"] == "sleep"
     stopped = run_json("stop", job_id)
+    job = stub.GetJob(worker_pb2.GetJobReq(id=job_id))
     assert stopped == {
         "id": job_id,
         "status": "STOPPED",
-        "endTime": stub.GetJob(worker_pb2.GetJobReq(id=job_id)).endTime,
-        "exitCode": stopped["exitCode"],
+        "endTime": job.endTime,
+        "exitCode": job.exitCode,
     }
 
 
@@ -399,22 +396,11 @@ def test_command_not_found(cli: CLI) -> None:
     assert (run.code, run.err) == (1, "Error: command not found in PATH: invalid-command\n")
 
 
-def test_unreachable_server_is_exit_3(cli: CLI, test_pki: TestPKI) -> None:
+def test_unreachable_server_is_exit_3(cli: CLI) -> None:
     with socket.socket() as sock:  # bound, never listening: connection refused
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-        run = cli(
-            "--server",
-            f"127.0.0.1:{port}",
-            "--cert",
-            str(test_pki.cert("admin-client")),
-            "--key",
-            str(test_pki.key("admin-client")),
-            "--ca",
-            str(test_pki.ca_cert),
-            "list",
-            connection=False,
-        )
+        run = cli("--server", f"127.0.0.1:{port}", "list")  # a later --server wins
     assert (run.code, run.out) == (3, b"")
     assert run.err == f"Error: cannot connect to 127.0.0.1:{port}: connection refused\n"
 

@@ -24,7 +24,7 @@ import grpc
 import pytest
 
 from jobworker.api import worker_pb2, worker_pb2_grpc
-from tests.support import server_command
+from tests.support import grpc_credentials
 
 if TYPE_CHECKING:
     from tests.conftest import TestPKI
@@ -56,12 +56,7 @@ def cli_command(test_pki: TestPKI, address: str, *argv: str) -> list[str]:
 def stub_for(
     test_pki: TestPKI, address: str
 ) -> tuple[grpc.Channel, worker_pb2_grpc.JobServiceStub]:
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=test_pki.ca_cert.read_bytes(),
-        private_key=test_pki.key("admin-client").read_bytes(),
-        certificate_chain=test_pki.cert("admin-client").read_bytes(),
-    )
-    channel = grpc.secure_channel(address, credentials)
+    channel = grpc.secure_channel(address, grpc_credentials(test_pki, "admin-client"))
     return channel, worker_pb2_grpc.JobServiceStub(channel)
 
 
@@ -156,56 +151,32 @@ def test_ctrl_c_while_connecting_exits_130_without_traceback(test_pki: TestPKI) 
 
 
 def test_server_killed_mid_stream_ends_the_cli_with_connection_lost(
-    test_pki: TestPKI, tmp_path: Path
+    test_pki: TestPKI, server_factory: ServerFactory
 ) -> None:
-    log_path = tmp_path / "server.log"
-    with log_path.open("wb") as log:
-        server = subprocess.Popen(
-            server_command(test_pki.dir, tmp_path / "data", "--cgroups", "off"),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            cwd=tmp_path,
-        )
-    job_pid = 0
-    try:
-        address = wait_log(server, log_path, r"listening on (\S+)")
-        channel, stub = stub_for(test_pki, address)
+    with server_factory("--cgroups", "off", expect_exit=None) as server:
+        channel, stub = stub_for(test_pki, server.address)
         with channel:
             job = stub.CreateJob(
                 worker_pb2.CreateJobReq(command="python3", args=["-c", PRINT_THEN_SLEEP])
             )
-        job_pid = int(wait_log(server, log_path, rf"job {job.id} started: pid (\d+)"))
-        with cli_process(cli_command(test_pki, address, "stream", job.id)) as proc:
-            assert proc.stdout is not None
-            assert proc.stderr is not None
-            read_until(proc.stdout, b"started\n")
-            server.kill()
-            server.wait()
-            code, elapsed = wait_exit(proc, WAIT_S)
-            stderr = proc.stderr.read().decode()
-        assert code == 3
-        assert elapsed < CONNECTION_LOST_EXIT_S
-        assert stderr.endswith("Error: connection lost\n")
-        assert "Traceback" not in stderr
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
-        if job_pid:  # the job runs in its own session; nobody is left to stop it
+        started = rf"job {job.id} started: pid (\d+)"
+        job_pid = int(re.findall(started, server.wait_for_log(started))[0])
+        try:
+            with cli_process(cli_command(test_pki, server.address, "stream", job.id)) as proc:
+                assert proc.stdout is not None
+                assert proc.stderr is not None
+                read_until(proc.stdout, b"started\n")
+                server.process.kill()
+                server.process.wait()
+                code, elapsed = wait_exit(proc, WAIT_S)
+                stderr = proc.stderr.read().decode()
+            assert code == 3
+            assert elapsed < CONNECTION_LOST_EXIT_S
+            assert stderr.endswith("Error: connection lost\n")
+            assert "Traceback" not in stderr
+        finally:  # the job runs in its own session; nobody is left to stop it
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(job_pid, signal.SIGKILL)
-
-
-def wait_log(proc: subprocess.Popen[bytes], log_path: Path, pattern: str) -> str:
-    deadline = time.monotonic() + WAIT_S
-    while True:
-        match = re.search(pattern, log_path.read_text(errors="replace"))
-        if match:
-            return match.group(1)
-        assert proc.poll() is None, log_path.read_text()
-        assert time.monotonic() < deadline, log_path.read_text()
-        time.sleep(0.02)
 
 
 def test_closed_stdout_ends_the_stream_quietly(test_pki: TestPKI, plain_server: ServerProc) -> None:

@@ -668,7 +668,7 @@ async def test_goaway_refuses_new_calls_and_fails_calls_it_did_not_take(
                 except ConnectionLost as exc:
                     failures.append(f"{job_id}: {exc}")
 
-        with trio.move_on_after(WAIT_S):
+        with trio.fail_after(WAIT_S):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(call, "first")
                 await wait_for_calls(server, 1)

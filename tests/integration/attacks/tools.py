@@ -38,7 +38,7 @@ import trio
 
 from jobworker.api import worker_pb2, worker_pb2_grpc
 from jobworker.engine import JobStatus
-from tests.integration.conftest import grpc_credentials
+from tests.support import grpc_credentials
 
 if TYPE_CHECKING:
     from tests.conftest import TestPKI
