@@ -14,6 +14,8 @@ from tests.support import IN_CI, TestPKI, skip_unless
 
 __all__ = ["IN_CI", "TestPKI", "skip_unless"]
 
+pytest_plugins = ["tests.timelimits", "pytester"]
+
 
 @pytest.fixture(scope="session")
 def test_pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
