@@ -36,7 +36,6 @@ import h2.exceptions
 import trio
 from purerpc.grpclib.buffers import MessageWriteBuffer
 from purerpc.grpclib.config import GRPCConfiguration
-from purerpc.grpclib.connection import GRPCConnection
 from purerpc.grpclib.events import (
     MessageReceived,
     ResponseEnded,
@@ -49,6 +48,7 @@ from purerpc.grpclib.status import Status, StatusCode
 from jobworker.client.address import ServerAddress
 from jobworker.client.errors import ClientError, ConnectError, ConnectionLost, RpcError
 from jobworker.client.tls import tls_failure
+from jobworker.wire.connection import WireConnection
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class GoAway:
         self.error_code = error_code
 
 
-class _ClientProtocol(GRPCConnection):  # type: ignore[misc]  # purerpc is untyped
+class _ClientProtocol(WireConnection):
     """purerpc's state machine, with the events its client silently drops turned into events."""
 
     def _remote_settings_changed(self, event: h2.events.RemoteSettingsChanged) -> list[object]:

@@ -76,6 +76,22 @@ async def open_tls_stream(
     return tls
 
 
+# The alerts (as describe_ssl_error words them) by which a server says it refuses the client
+# certificate itself, rather than the handshake for some other reason.
+CERTIFICATE_ALERTS = frozenset(
+    {
+        "certificate required",
+        "unknown CA",
+        "certificate expired",
+        "bad certificate",
+        "certificate revoked",
+        "certificate unknown",
+        "unsupported certificate",
+        "access denied",
+    }
+)
+
+
 def tls_failure(
     address: ServerAddress,
     exc: BaseException,
@@ -94,9 +110,11 @@ def tls_failure(
     if isinstance(cause, ssl.SSLCertVerificationError):
         return ConnectError(f"certificate verify failed: {cause.verify_message}")
     if isinstance(cause, ssl.SSLError) and "ALERT" in (cause.reason or ""):
+        reason = describe_ssl_error(cause)
+        if reason in CERTIFICATE_ALERTS:
+            return ConnectError(f"the server refused our certificate: {reason}")
         return ConnectError(
-            f"TLS handshake refused by server: {describe_ssl_error(cause)}"
-            f" (client certificate {client_cert})"
+            f"TLS handshake refused by server: {reason} (client certificate {client_cert})"
         )
     if isinstance(cause, ssl.SSLError) and not isinstance(cause, ssl.SSLEOFError):
         return ConnectError(f"TLS handshake with {address} failed: {describe_ssl_error(cause)}")

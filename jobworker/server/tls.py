@@ -4,10 +4,13 @@ and the handshake with a deadline, which yields the stream and the caller's Iden
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
@@ -21,6 +24,11 @@ CA_CERT_FILE = "ca-cert.pem"
 SERVER_CERT_FILE = "server-cert.pem"
 SERVER_KEY_FILE = "server-key.pem"
 ALPN_H2 = "h2"  # grpcio and grpc-go refuse a TLS server that does not select h2
+# A refused handshake's alert is sent before the socket closes; a peer that does not take it in
+# this long (it stopped reading) loses it.
+ALERT_FLUSH_TIMEOUT_S = 1.0
+
+_T = TypeVar("_T")
 
 
 class CertificateError(Exception):
@@ -58,6 +66,42 @@ def build_server_context(certs_dir: Path) -> ssl.SSLContext:
     return context
 
 
+class _AlertingTLSStream(TLSStream):
+    """anyio's TLS stream, except that a handshake the server refuses ends with its alert.
+
+    When OpenSSL refuses the peer (no certificate, unknown CA, expired), it writes the alert
+    that says why (``certificate required``, ``unknown ca``, ``certificate expired``) into the
+    outgoing buffer, and anyio raises without sending it: the peer would only see the
+    connection close. Here the buffer is flushed first, within a short deadline, so clients
+    (openssl s_client, grpcio, grpc-go, ours) can tell the reason.
+    """
+
+    async def _call_sslobject_method(  # type: ignore[override]  # anyio's is generic over *args
+        self, func: Callable[..., _T], *args: Any
+    ) -> _T:
+        try:
+            return await super()._call_sslobject_method(func, *args)
+        except ssl.SSLError:
+            if self._write_bio.pending:
+                with (
+                    anyio.move_on_after(ALERT_FLUSH_TIMEOUT_S),
+                    contextlib.suppress(OSError, anyio.BrokenResourceError, anyio.EndOfStream),
+                ):
+                    await self._send_alert(self._write_bio.read())
+            raise
+
+    async def _send_alert(self, alert: bytes) -> None:
+        # Send, then half-close and read until the peer hangs up: closing with its bytes
+        # unread (a client sends its HTTP/2 preface right after its side of the handshake)
+        # would make the kernel answer with a reset, which can overtake the alert.
+        transport = self.transport_stream
+        await transport.send(alert)
+        if isinstance(transport, anyio.abc.SocketStream):
+            await transport.send_eof()
+            while await transport.receive():
+                pass
+
+
 @dataclass(frozen=True)
 class Peer:
     """A connection that completed the TLS handshake with a verified client certificate."""
@@ -90,7 +134,7 @@ async def handshake(
     """
     try:
         with anyio.fail_after(timeout):
-            stream = await TLSStream.wrap(
+            stream = await _AlertingTLSStream.wrap(
                 transport, server_side=True, ssl_context=context, standard_compatible=False
             )
     except (OSError, ssl.SSLError, anyio.EndOfStream, anyio.BrokenResourceError) as exc:

@@ -57,6 +57,8 @@ from purerpc.grpclib.exceptions import (
 )
 from purerpc.grpclib.status import StatusCode
 
+from jobworker.wire.connection import WireConnection
+
 log = logging.getLogger(__name__)
 
 GRPC_MESSAGE_PREFIX = 5  # compressed flag + 4-byte length before every gRPC message
@@ -164,7 +166,7 @@ class _H2Connection(h2.connection.H2Connection):  # type: ignore[misc]
             settings._settings[SettingCodes.MAX_CONCURRENT_STREAMS] = original
 
 
-class ServerGRPCConnection(GRPCConnection):  # type: ignore[misc]
+class ServerGRPCConnection(WireConnection):
     """purerpc's gRPC-over-h2 state machine with our limits (see the module docstring)."""
 
     h2_connection: Any
