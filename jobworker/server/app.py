@@ -175,7 +175,8 @@ async def serve(
                     listener.shutdown()
                     serving.cancel_scope.deadline = trio.current_time() + SHUTDOWN_DRAIN_S
                 log.info("connections closed; stopping jobs")
-            with trio.move_on_after(CGROUP_CLEANUP_S, shield=True):
-                await controller.remove_roots()  # every job has ended: our subtree is empty
             root.cancel_scope.cancel()  # the reaper and the signal watcher
+        # After the root nursery, so that a start-up cut short by a signal removes it too.
+        with trio.move_on_after(CGROUP_CLEANUP_S, shield=True):
+            await controller.remove_roots()  # every job has ended: our subtree is empty
     log.info("stopped")

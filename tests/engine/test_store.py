@@ -14,9 +14,10 @@ import pytest
 
 from jobworker.engine import LOST_REASON, JobStatus, open_job_manager
 from jobworker.engine.model import JobRecord, Limits, utc_now
-from jobworker.engine.store import JobStore, record_from_json
+from jobworker.engine.store import OUTPUT_MISSING_REASON, JobStore, record_from_json
+from jobworker.errors import OutputLost
 
-from .helpers import sh, wait_ended
+from .helpers import read_all, sh, wait_ended
 
 
 def _record(job_id: str = "1", status: JobStatus = JobStatus.RUNNING) -> JobRecord:
@@ -109,3 +110,31 @@ async def test_a_final_record_is_fsynced_file_and_directory(
     dirs = [s for s in synced if stat.S_ISDIR(s.st_mode) and s.st_ino == job_dir.stat().st_ino]
     assert files, "the final job.json was not fsynced"
     assert dirs, "the job's directory was not fsynced after the rename"
+
+
+async def test_a_finished_job_whose_output_log_is_gone_says_so(data_dir: Path) -> None:
+    async with open_job_manager(data_dir) as manager:
+        await manager.create(sh("echo hello"))
+        await wait_ended(manager, "1")
+        await manager._jobs["1"].ended.wait()
+    (data_dir / "jobs" / "1" / "output.log").unlink()
+    async with open_job_manager(data_dir) as manager:
+        record = manager.get("1")
+        assert record.status is JobStatus.COMPLETED
+        assert record.reason == f"exited with status 0; {OUTPUT_MISSING_REASON}"
+        with pytest.raises(OutputLost, match=r"^output of job 1 is missing$"):
+            await read_all(manager, "1")
+
+
+async def test_a_log_replaced_by_a_symlink_after_the_load_is_not_followed(
+    data_dir: Path,
+) -> None:
+    async with open_job_manager(data_dir) as manager:
+        await manager.create(sh("echo hello"))
+        await wait_ended(manager, "1")
+        await manager._jobs["1"].ended.wait()
+        log_path = data_dir / "jobs" / "1" / "output.log"
+        log_path.unlink()
+        log_path.symlink_to("/dev/zero")
+        with pytest.raises(OutputLost, match=r"^output of job 1 is missing$"):
+            await read_all(manager, "1")

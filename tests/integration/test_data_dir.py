@@ -19,7 +19,12 @@ import pytest
 from jobworker.api import worker_pb2, worker_pb2_grpc
 from jobworker.engine.model import JobRecord, JobStatus, Limits, utc_now
 from jobworker.engine.store import MAX_RECORD_BYTES, JobStore
-from tests.integration.conftest import LISTENING_RE, SHUTDOWN_TIMEOUT_S, start_server
+from tests.integration.conftest import (
+    LISTENING_RE,
+    SHUTDOWN_TIMEOUT_S,
+    _cgroup_subtrees,
+    start_server,
+)
 from tests.support import grpc_credentials, server_command
 
 if TYPE_CHECKING:
@@ -191,3 +196,4 @@ def test_sigterm_during_a_long_load_exits_at_once_and_cleanly(
     assert code == 0, text
     assert not LISTENING_RE.search(text), "the load was not cut short:\n" + text[-2000:]
     assert "Traceback" not in text
+    assert not _cgroup_subtrees(tmp_path / "data")

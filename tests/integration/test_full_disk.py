@@ -11,7 +11,7 @@ import os
 import re
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -78,9 +78,9 @@ def stub_for(
     return channel, worker_pb2_grpc.JobServiceStub(channel)
 
 
-def wait_for(predicate: object, what: str) -> None:
+def wait_for(predicate: Callable[[], object], what: str) -> None:
     deadline = time.monotonic() + DEADLINE_S
-    while not predicate():  # type: ignore[operator]
+    while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)
 
