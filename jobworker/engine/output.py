@@ -34,7 +34,7 @@ from pathlib import Path
 
 import trio
 
-from jobworker.engine.store import (
+from jobworker.engine.disk import (
     DiskReserve,
     UnsafeFile,
     check_own_regular_file,
