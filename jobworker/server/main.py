@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="BYTES",
         help="refuse CreateJob (RESOURCE_EXHAUSTED) while the data disk has less free space "
-        f"(default: {MIN_FREE_DISK_FRACTION:.0%} of it, at least "
+        f"(default: {MIN_FREE_DISK_FRACTION * 100:g}%% of it, at least "
         f"{DEFAULT_MIN_FREE_DISK_BYTES // 2**20} MiB)",
     )
     parser.add_argument(

@@ -138,3 +138,13 @@ async def test_a_log_replaced_by_a_symlink_after_the_load_is_not_followed(
         log_path.symlink_to("/dev/zero")
         with pytest.raises(OutputLost, match=r"^output of job 1 is missing$"):
             await read_all(manager, "1")
+
+
+async def test_a_temporary_record_left_by_a_crash_is_removed_at_start(data_dir: Path) -> None:
+    store = JobStore(data_dir)
+    store.prepare("1")
+    store.save(replace(_record(), status=JobStatus.COMPLETED, end_time=utc_now(), exit_code=0))
+    (data_dir / "jobs" / "1" / ".job.json.tmp").write_bytes(b'{"format": 1, "id"')
+    async with open_job_manager(data_dir) as manager:
+        assert manager.get("1").status is JobStatus.COMPLETED
+    assert not (data_dir / "jobs" / "1" / ".job.json.tmp").exists()

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -197,6 +198,19 @@ def test_create_while_the_disk_is_full_is_refused_without_using_an_id(
             assert ended(stub, "1").status == "COMPLETED"
 
 
+def test_the_default_floor_is_at_least_64_mib(
+    test_pki: TestPKI, tmp_path: Path, tmpfs_data: Path
+) -> None:
+    # 20 MiB free is below max(1 %, 64 MiB): refused, though the disk is empty.
+    with start_server(test_pki, tmp_path) as srv:
+        channel, stub = stub_for(test_pki, srv)
+        with channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.CreateJob(worker_pb2.CreateJobReq(command="true"))
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert refused.value.details() == "data disk full"
+
+
 @pytest.mark.parametrize("how", ["periodic retry", "shutdown"])
 def test_a_final_record_the_full_disk_refused_is_written_once_there_is_room(
     test_pki: TestPKI, tmp_path: Path, tmpfs_data: Path, how: str
@@ -221,3 +235,16 @@ def test_a_final_record_the_full_disk_refused_is_written_once_there_is_room(
         with channel:
             job = stub.GetJob(worker_pb2.GetJobReq(id="1"))
             assert job.status == "STOPPED"  # not LOST: the final record reached the disk
+
+
+def test_min_free_disk_is_in_the_help_and_a_negative_value_is_refused(tmp_path: Path) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "jobworker.server", *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+
+    shown = run("--help")
+    assert shown.returncode == 0, shown.stderr
+    assert "--min-free-disk BYTES" in shown.stdout
+    refused = run("--min-free-disk", "-1", "--data-dir", str(tmp_path))
+    assert refused.returncode == 2
+    assert "argument --min-free-disk: must be >= 0: '-1'" in refused.stderr
