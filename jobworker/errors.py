@@ -73,6 +73,23 @@ class JobStartFailed(JobWorkerError):
     """Raised when the process could not be started for a reason outside the spec (server side)."""
 
 
+class DataDiskFull(JobWorkerError):
+    """Raised by CreateJob, before an id is used, while the data disk has less free space
+    than the server's floor (``--min-free-disk``): ``data disk full``."""
+
+    def __init__(self) -> None:
+        super().__init__("data disk full")
+
+
+class OutputLost(JobWorkerError):
+    """Raised by a stream when the job's output file is gone (or unusable) on the server:
+    ``output of job <id> is missing``."""
+
+    def __init__(self, job_id: str, what: str = "is missing") -> None:
+        super().__init__(f"output of job {echo(job_id)} {what}")
+        self.job_id = job_id
+
+
 class PermissionDenied(JobWorkerError):
     """Raised when the caller's role does not allow the operation.
 

@@ -343,6 +343,9 @@ class Job:
             status, reason = JobStatus.FAILED, f"exited with status {returncode}"
         else:
             status, reason = JobStatus.FAILED, f"killed by signal {-returncode}"
+        await self.output.write_owed_marker()
+        if self.output.lost_bytes:
+            reason = f"{reason}; {self.output.loss_summary}"
         end = utc_now()
         self._record = replace(
             self._record,
@@ -367,11 +370,16 @@ class Job:
         self.ended.set()
 
     async def _persist(self, *, durable: bool = True) -> None:
-        """Save the current record; a failure is logged (the job itself goes on)."""
+        """Save the current record; a failure is logged (the job itself goes on) and the
+        store keeps the record to write it again (JobStore.keep)."""
         try:
-            await trio.to_thread.run_sync(partial(self._store.save, durable=durable), self.record)
-        except OSError:
-            log.exception("job %s: cannot save its record", self.id)
+            await trio.to_thread.run_sync(partial(self._store.keep, durable=durable), self.record)
+        except OSError as exc:
+            log.warning(
+                "job %s: cannot save its record (%s); it is written again once possible",
+                self.id,
+                exc.strerror or exc,
+            )
 
 
 def _enlarge_pipe(fd: int) -> None:

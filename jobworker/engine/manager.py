@@ -3,7 +3,8 @@
 ``open_job_manager`` loads the data directory, sweeps stale cgroups, and runs
 the nursery that owns every job. Leaving it (or cancelling it) stops every
 running job through the normal stop path (reason "worker shutdown"), persists
-the records and leaves no process behind.
+the records and leaves no process behind. Records that could not be written
+(full or failing disk) are written again every RECORD_RETRY_S and at exit.
 """
 
 from __future__ import annotations
@@ -22,12 +23,34 @@ from jobworker.engine.model import JobRecord, JobSpec, JobStatus, utc_now
 from jobworker.engine.output import OutputLog, OutputReader
 from jobworker.engine.reaping import Reaper
 from jobworker.engine.spec import job_environment, resolve_command, validate_spec
-from jobworker.engine.store import JobStore
-from jobworker.errors import JobNotFound, JobNotRunning, JobStartFailed
+from jobworker.engine.store import JobStore, LoadedJobs
+from jobworker.errors import DataDiskFull, JobNotFound, JobNotRunning, JobStartFailed
 
-__all__ = ["JobManager", "open_job_manager"]
+__all__ = [
+    "DEFAULT_MIN_FREE_DISK_BYTES",
+    "MIN_FREE_DISK_FRACTION",
+    "JobManager",
+    "open_job_manager",
+]
 
 log = logging.getLogger("jobworker.engine")
+
+# CreateJob is refused while the data disk has less free space than the larger of these:
+# room for the output of the jobs already running and for their final records.
+DEFAULT_MIN_FREE_DISK_BYTES = 64 * 1024 * 1024
+MIN_FREE_DISK_FRACTION = 0.01
+# Records that could not be written are tried again this often (and once more at exit);
+# the disk reserve is re-created on the same beat once there is room.
+RECORD_RETRY_S = 1.0
+FINAL_FLUSH_S = 5.0  # bound on that last try at exit
+# Records read per thread hop at start: small enough that a cancellation (SIGTERM during a
+# long load) lands at once, large enough that the hops cost little.
+LOAD_BATCH = 64
+
+
+def default_min_free_disk(total_bytes: int) -> int:
+    """The free-space floor for a data disk of ``total_bytes`` when none is configured."""
+    return max(int(total_bytes * MIN_FREE_DISK_FRACTION), DEFAULT_MIN_FREE_DISK_BYTES)
 
 
 class JobManager:
@@ -43,6 +66,7 @@ class JobManager:
         reaper: Reaper | None,
         pids_max: int,
         next_id: int,
+        min_free_disk: int,
     ) -> None:
         self._nursery = nursery
         self._store = store
@@ -51,12 +75,19 @@ class JobManager:
         self._reaper = reaper
         self._pids_max = pids_max
         self._next_id = next_id
+        self._min_free_disk = min_free_disk
         self._env = job_environment()
         self._jobs: dict[str, Job] = {}
         self._closing = False
 
-    def _add_loaded(self, record: JobRecord, output_length: int) -> None:
-        output = OutputLog(self._store.output_path(record.id), length=output_length, ended=True)
+    def _add_loaded(self, record: JobRecord, output_length: int | None) -> None:
+        output = OutputLog(
+            self._store.output_path(record.id),
+            length=output_length or 0,
+            ended=True,
+            job_id=record.id,
+            missing=output_length is None,
+        )
         self._jobs[record.id] = Job(record, output, store=self._store)
 
     def _job(self, job_id: str) -> Job:
@@ -69,7 +100,8 @@ class JobManager:
         """Validate ``spec``, then start the job; return once its process runs.
 
         Raises InvalidJobSpec (CommandNotFound, CommandNotExecutable, LimitRefused) before
-        anything is made: no id is used, nothing is written. Raises JobStartFailed if the
+        anything is made: no id is used, nothing is written; so does DataDiskFull while the
+        data disk has less free space than the floor. Raises JobStartFailed if the
         process could not be spawned (the job is then recorded FAILED under its id).
         The returned snapshot is RUNNING, or already terminal if the job ended that fast.
         Cancelling the caller does not undo a job once spawned: it belongs to the manager.
@@ -78,6 +110,14 @@ class JobManager:
             raise JobStartFailed("the worker is shutting down")
         limits = validate_spec(spec, pids_max=self._pids_max)
         executable = await trio.to_thread.run_sync(resolve_command, spec.command)
+        free, _ = await trio.to_thread.run_sync(self._store.free_bytes)
+        if free < self._min_free_disk:
+            log.warning(
+                "create refused: data disk full (%d bytes free, floor %d)",
+                free,
+                self._min_free_disk,
+            )
+            raise DataDiskFull()
         if self._closing:
             raise JobStartFailed("the worker is shutting down")
         # No checkpoint from here to the id increment: the id is ours alone, and a refused
@@ -99,7 +139,7 @@ class JobManager:
         )
         job = Job(
             record,
-            OutputLog(self._store.output_path(job_id)),
+            OutputLog(self._store.output_path(job_id), job_id=job_id, reserve=self._store.reserve),
             store=self._store,
             cgroup=cgroup,
             argv=[executable, *spec.args],
@@ -160,6 +200,20 @@ class JobManager:
         """Bytes of output the job has written so far. Raises JobNotFound."""
         return self._job(job_id).output.length
 
+    async def _keep_records(self) -> None:
+        """Write again, every RECORD_RETRY_S, the records a full or failing disk refused;
+        re-create the disk reserve once there is room. Runs until cancelled."""
+        while True:
+            await trio.sleep(RECORD_RETRY_S)
+            await self._flush_records()
+
+    async def _flush_records(self) -> None:
+        if self._store.unsaved:
+            await trio.to_thread.run_sync(self._store.retry_unsaved)
+        free, _ = await trio.to_thread.run_sync(self._store.free_bytes)
+        if free >= self._min_free_disk:
+            await trio.to_thread.run_sync(self._store.reserve.ensure)
+
     def _shutdown(self) -> None:
         self._closing = True
         for job in self._jobs.values():
@@ -175,18 +229,26 @@ async def open_job_manager(
     stop_grace: float = STOP_GRACE_S,
     reaper: Reaper | None = None,
     pids_max: int = DEFAULT_PIDS_MAX,
+    min_free_disk: int | None = None,
 ) -> AsyncIterator[JobManager]:
     """Load the records of ``data_dir`` (INITIALIZING/RUNNING ones become LOST), sweep stale
     cgroups, and run the nursery that owns every job. ``controller`` None means no cgroups
-    (NullController); ``reaper`` None means no orphan reaper.
+    (NullController); ``reaper`` None means no orphan reaper; ``min_free_disk`` None means
+    ``default_min_free_disk`` of the data disk. Raises DataDirUnusable if ``jobs/`` is not a
+    usable directory. The load is cancellable: it checks for cancellation between batches.
 
     On exit or cancellation every running job is stopped through the normal stop path
-    (status STOPPED, reason "worker shutdown") and persisted; no process is left behind.
+    (status STOPPED, reason "worker shutdown") and persisted; no process is left behind;
+    records still unsaved are tried once more.
     """
     if controller is None:
         controller = NullController()
     store = JobStore(data_dir)
-    loaded = await trio.to_thread.run_sync(store.load)
+    loaded = await _load(store)
+    free, total = await trio.to_thread.run_sync(store.free_bytes)
+    floor = default_min_free_disk(total) if min_free_disk is None else min_free_disk
+    if free >= floor and not await trio.to_thread.run_sync(store.reserve.ensure):
+        log.warning("no room for the data disk reserve in %s", data_dir)
     swept = await controller.sweep()
     if swept:
         log.warning("removed cgroups left by a previous worker: jobs %s", ", ".join(swept))
@@ -196,19 +258,39 @@ async def open_job_manager(
         loaded.highest_id + 1,
         controller.description,
     )
-    async with trio.open_nursery() as nursery:
-        manager = JobManager(
-            nursery,
-            store,
-            controller,
-            stop_grace=stop_grace,
-            reaper=reaper,
-            pids_max=pids_max,
-            next_id=loaded.highest_id + 1,
-        )
-        for record in loaded.records:
-            manager._add_loaded(record, loaded.output_lengths[record.id])
-        try:
-            yield manager
-        finally:
-            manager._shutdown()
+    async with trio.open_nursery() as keeper:
+        async with trio.open_nursery() as nursery:
+            manager = JobManager(
+                nursery,
+                store,
+                controller,
+                stop_grace=stop_grace,
+                reaper=reaper,
+                pids_max=pids_max,
+                next_id=loaded.highest_id + 1,
+                min_free_disk=floor,
+            )
+            for record in loaded.records:
+                manager._add_loaded(record, loaded.output_lengths[record.id])
+            keeper.start_soon(manager._keep_records)
+            try:
+                yield manager
+            finally:
+                manager._shutdown()
+        keeper.cancel_scope.cancel()
+        with trio.move_on_after(FINAL_FLUSH_S, shield=True):
+            if await trio.to_thread.run_sync(store.retry_unsaved):
+                log.error("records still unsaved at exit: jobs %s", ", ".join(store.unsaved))
+
+
+async def _load(store: JobStore) -> LoadedJobs:
+    """Every record of the store, read in batches (a checkpoint between each)."""
+    log.info("loading job records from %s", store.jobs_dir)
+    names, highest = await trio.to_thread.run_sync(store.scan)
+    records: list[JobRecord] = []
+    lengths: dict[str, int | None] = {}
+    for start in range(0, len(names), LOAD_BATCH):
+        batch = await trio.to_thread.run_sync(store.load_some, names[start : start + LOAD_BATCH])
+        records += batch.records
+        lengths.update(batch.output_lengths)
+    return LoadedJobs(records, lengths, highest)

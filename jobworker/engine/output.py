@@ -10,6 +10,14 @@ Because a reader subscribes only when its offset equals the length (checked
 and done without a checkpoint in between), every live chunk it receives
 starts at or before its offset: overlap is discarded, a gap cannot occur.
 
+When the disk refuses an append (full, or failing), the pump goes on draining
+the pipe: what was not written is dropped and counted, every later append is
+tried again (so output is kept as soon as there is room), and the first write
+after a gap is a marker, ``[jobworker: N bytes of output lost: <why>]``, so the
+gap is visible where it happened. The length only ever counts bytes the file
+holds. A marker still owed when the job ends is written then, with the disk
+reserve released if need be.
+
 Memory per reader is bounded by LIVE_WINDOW_BYTES of queued pump chunks (or a
 single larger chunk) plus the one chunk or file read (FILE_READ_BYTES) it is
 delivering, whatever the size of the output.
@@ -17,6 +25,7 @@ delivering, whatever the size of the output.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -25,7 +34,17 @@ from pathlib import Path
 
 import trio
 
-__all__ = ["LIVE_WINDOW_CHUNKS", "OutputLog", "OutputReader"]
+from jobworker.engine.disk import (
+    DiskReserve,
+    UnsafeFile,
+    check_own_regular_file,
+    is_disk_full,
+    open_safely,
+    run_with_reserve,
+)
+from jobworker.errors import OutputLost
+
+__all__ = ["LIVE_WINDOW_CHUNKS", "OutputLog", "OutputReader", "loss_marker"]
 
 log = logging.getLogger("jobworker.engine")
 
@@ -45,10 +64,40 @@ FILE_READ_THREADS = 2  # per output log (see OutputLog.read_limiter)
 Chunk = tuple[int, bytes]  # (offset of its first byte, data)
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+DISK_FULL_CAUSE = "data disk full"
+
+
+def loss_marker(lost: int, cause: str) -> bytes:
+    """The line written into the output where ``lost`` bytes are missing."""
+    return f"\n[jobworker: {lost} bytes of output lost: {cause}]\n".encode()
+
+
+def _write_some(fd: int, data: bytes) -> tuple[int, OSError | None]:
+    """Write as much of ``data`` as the file takes: (bytes written, the error that stopped it)."""
+    done = 0
+    while done < len(data):
+        try:
+            done += os.write(fd, memoryview(data)[done:])
+        except OSError as exc:
+            return done, exc
+    return done, None
+
+
+# A gap ends (marker, then output again) once the disk has this much room: far more than a
+# marker, so the marker and the output after it fit, without ending the gap for a lone page.
+RESUME_FREE_BYTES = 1024 * 1024
+
+
+def _has_room(fd: int) -> bool:
+    try:
+        info = os.fstatvfs(fd)
+    except OSError:
+        return True  # let the write itself say what is wrong
+    return info.f_bavail * info.f_frsize >= RESUME_FREE_BYTES
+
+
+def _cause(exc: OSError) -> str:
+    return DISK_FULL_CAUSE if is_disk_full(exc) else (exc.strerror or str(exc)).lower()
 
 
 class OutputLog:
@@ -66,13 +115,22 @@ class OutputLog:
         length: int = 0,
         ended: bool = False,
         live_window: int = LIVE_WINDOW_CHUNKS,
+        job_id: str = "",
+        missing: bool = False,
+        reserve: DiskReserve | None = None,
     ) -> None:
         self.path = path
+        self.job_id = job_id
+        self.missing = missing  # a loaded job whose file is gone: readers get OutputLost
+        self._reserve = reserve
         self._live_window = live_window
         self.length = length
         self.ended = ended
         self._fd: int | None = None
-        self._write_failed = False
+        self.lost_bytes = 0  # dropped because the disk refused them
+        self.loss_cause = ""  # why, for the first loss ("data disk full")
+        self._gap = 0  # bytes lost since the last marker was begun
+        self._marker_rest = b""  # the part of a begun marker not yet written
         self._live: dict[OutputReader, trio.MemorySendChannel[Chunk]] = {}
         # Catch-up reads of this log in flight at once: 100 readers catching up together
         # would otherwise take 40 threads (trio's default limit), each with its buffer and
@@ -81,25 +139,91 @@ class OutputLog:
 
     def open_append(self) -> None:
         """Create the file and open it for appending (blocking: call from a thread)."""
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
         self._fd = os.open(self.path, flags, 0o600)
 
+    @property
+    def loss_summary(self) -> str:
+        """``N bytes of output lost: <why>``, or "" if nothing was lost."""
+        if not self.lost_bytes:
+            return ""
+        return f"{self.lost_bytes} bytes of output lost: {self.loss_cause}"
+
+    def _lose(self, count: int, exc: OSError) -> None:
+        if not self.lost_bytes:
+            log.warning(
+                "job %s: output lost: cannot write %s (%s); dropping output until it can",
+                self.job_id,
+                self.path,
+                exc.strerror or exc,
+            )
+            self.loss_cause = _cause(exc)
+        self.lost_bytes += count
+        self._gap += count
+
+    def _write(self, fd: int, data: bytes, *, force: bool = False) -> bytes:
+        """Write the marker owed for a gap (if any), then ``data``; return the bytes that
+        reached the file, in order (blocking: runs in a thread, one at a time). During a gap
+        nothing is tried until the disk has RESUME_FREE_BYTES free (unless ``force``): one
+        outage then makes one gap and one marker, not a marker per page that came free."""
+        if (self._gap or self._marker_rest) and not force and not _has_room(fd):
+            self._gap += len(data)
+            self.lost_bytes += len(data)
+            return b""
+        if self._gap and not self._marker_rest:
+            self._marker_rest, self._gap = loss_marker(self._gap, self.loss_cause), 0
+        written = b""
+        if self._marker_rest:
+            done, error = _write_some(fd, self._marker_rest)
+            written, self._marker_rest = self._marker_rest[:done], self._marker_rest[done:]
+            if error is not None:
+                self._lose(len(data), error)  # the marker must come first: data waits for it
+                return written
+            log.info("job %s: output is written again after a loss", self.job_id)
+        done, error = _write_some(fd, data)
+        if error is not None:
+            self._lose(len(data) - done, error)
+        return written + data[:done]
+
     async def append(self, data: bytes) -> None:
-        """Write ``data`` at the end of the file, then publish it. Never waits for a reader.
+        """Write ``data`` at the end of the file, then publish it. Never waits for a reader,
+        nor for the disk to have room (what it refuses is dropped, counted and marked).
 
         The write runs in a thread and is not abandoned on cancellation, so the length
         always matches what the file holds.
         """
-        if self._fd is None or self._write_failed:
+        if self._fd is None:
             return
+        data = await trio.to_thread.run_sync(self._write, self._fd, data)
+        if data:
+            self._publish(data)
+
+    async def write_owed_marker(self) -> None:
+        """At the job's end: write the marker still owed for a gap, releasing the disk
+        reserve if the disk is full. Failing that, the loss stays in the job's reason."""
+        if self._fd is None or not (self._gap or self._marker_rest):
+            return
+        fd = self._fd
+        published: list[bytes] = []
+
+        def write() -> None:
+            # The rest of a begun marker, then the one owed for a gap that followed it.
+            for _ in range(2):
+                published.append(self._write(fd, b"", force=True))
+                if self._marker_rest:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                if not self._gap:
+                    return
+
         try:
-            await trio.to_thread.run_sync(_write_all, self._fd, data)
+            await trio.to_thread.run_sync(run_with_reserve, self._reserve, write)
         except OSError:
-            # The job must not block on its pipe because our disk is full: keep draining,
-            # stop recording, say so once.
-            self._write_failed = True
-            log.exception("cannot write the output log %s; output discarded", self.path)
-            return
+            log.warning("job %s: no room for the output-loss marker", self.job_id)
+        for data in published:
+            if data:
+                self._publish(data)
+
+    def _publish(self, data: bytes) -> None:
         start = self.length
         self.length += len(data)
         for reader, send in list(self._live.items()):
@@ -159,7 +283,8 @@ class OutputLog:
 class OutputReader:
     """An async iterator of output chunks (each 1..max_chunk bytes) from an offset: history
     from the file, then live data, ending once the job has ended and every byte up to the
-    final length was delivered. One consumer task at a time."""
+    final length was delivered. Raises OutputLost if the file is missing, shorter than its
+    length, or no longer a regular file of ours. One consumer task at a time."""
 
     def __init__(self, output: OutputLog, offset: int, max_chunk: int) -> None:
         if offset < 0:
@@ -216,8 +341,10 @@ class OutputReader:
                 if data:
                     self._pending = memoryview(data)
                     return self._take_pending()
-                log.error("output log %s is shorter than recorded; stream ended", self._log.path)
-                raise StopAsyncIteration
+                log.error("output log %s is shorter than recorded", self._log.path)
+                raise OutputLost(self._log.job_id, "is shorter than recorded")
+            if self._log.missing:
+                raise OutputLost(self._log.job_id)
             if self._log.ended:
                 raise StopAsyncIteration
             # Caught up with a live job: join the live path. No checkpoint since the length
@@ -226,15 +353,27 @@ class OutputReader:
 
     async def _read_file(self, size: int) -> bytes:
         if self._fd is None:
-            try:
-                self._fd = await trio.to_thread.run_sync(
-                    os.open, self._log.path, os.O_RDONLY | os.O_CLOEXEC
-                )
-            except FileNotFoundError:
-                return b""
+            self._fd = await trio.to_thread.run_sync(self._open_file)
         return await trio.to_thread.run_sync(
             os.pread, self._fd, size, self.offset, limiter=self._log.read_limiter
         )
+
+    def _open_file(self) -> int:
+        """Open the log without following a symlink or blocking on a fifo (a job may have
+        replaced it); raise OutputLost if it is gone or not a regular file of ours."""
+        path = self._log.path
+        try:
+            fd = open_safely(path)
+        except OSError as exc:
+            log.warning("job %s: cannot open its output log %s: %s", self._log.job_id, path, exc)
+            raise OutputLost(self._log.job_id) from None
+        try:
+            check_own_regular_file(fd)
+        except UnsafeFile as exc:
+            os.close(fd)
+            log.warning("job %s: output log %s refused: %s", self._log.job_id, path, exc)
+            raise OutputLost(self._log.job_id) from None
+        return fd
 
     def close(self) -> None:
         """Release the live registration, the channel and the file handle (idempotent)."""

@@ -2,23 +2,53 @@
 
 Every function here is blocking file work: the engine calls them through
 ``trio.to_thread.run_sync``. Records are written atomically (temp file in the
-same directory, fsync, rename, fsync of the directory), so a crash leaves
-either the old record or the new one, never a torn file.
+same directory, rename), so a crash leaves either the old record or the new
+one, never a torn file; final records are also fsynced, file and directory.
+
+A record that cannot be written (a full or failing disk) is kept in memory and
+written again by ``retry_unsaved`` until it is; a newer record of the same job
+replaces it. ``<data-dir>/.reserve`` holds DISK_RESERVE_BYTES that are released
+when a final record or an output-loss marker finds the disk full.
+
+The loader trusts nothing in the data dir (jobs may be able to write it): a
+record or log is opened without following symlinks or blocking on fifos, must
+be a regular file owned by the server's user, and a record is read with a size
+cap. Anything else is skipped with one WARNING naming it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import errno
 import json
 import logging
 import os
+import stat
+import threading
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from jobworker.engine.disk import (
+    DiskReserve,
+    UnsafeFile,
+    check_own_regular_file,
+    open_safely,
+    run_with_reserve,
+)
 from jobworker.engine.model import JobRecord, JobStatus, Limits, Usage
 
-__all__ = ["LOST_REASON", "JobStore", "LoadedJobs", "record_from_json", "record_to_json"]
+__all__ = [
+    "LOST_REASON",
+    "OUTPUT_MISSING_REASON",
+    "DataDirUnusable",
+    "JobStore",
+    "LoadedJobs",
+    "record_from_json",
+    "record_to_json",
+]
 
 log = logging.getLogger("jobworker.engine")
 
@@ -108,28 +138,134 @@ def record_from_json(data: dict[str, Any]) -> JobRecord:
     )
 
 
+class DataDirUnusable(Exception):
+    """Raised at start when ``<data-dir>/jobs`` is not a directory this server can use."""
+
+
+# A record is a few hundred bytes plus the job's arguments (bounded by the request size):
+# anything larger was not written by us.
+MAX_RECORD_BYTES = 2 * 1024 * 1024
+TEMP_NAME = f".{RECORD_NAME}.tmp"
+
+
 def _read_record(path: Path, job_id: str) -> JobRecord:
-    record = record_from_json(json.loads(path.read_bytes()))
+    try:
+        fd = open_safely(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeFile("a symbolic link") from None
+        raise
+    try:
+        check_own_regular_file(fd, max_bytes=MAX_RECORD_BYTES)
+        data = os.read(fd, MAX_RECORD_BYTES + 1)  # capped even if it grows meanwhile
+    finally:
+        os.close(fd)
+    if len(data) > MAX_RECORD_BYTES:
+        raise UnsafeFile(f"more than a record can be ({MAX_RECORD_BYTES} bytes)")
+    record = record_from_json(json.loads(data))
     if record.id != job_id:
         raise ValueError(f"record says id {record.id!r}")
     return record
 
 
+def _output_length(path: Path) -> tuple[int | None, str]:
+    """The size of a job's output log, or (None, why) if it is missing or not a file of ours."""
+    try:
+        fd = open_safely(path)
+    except FileNotFoundError:
+        return None, "missing"
+    except OSError as exc:
+        return None, "a symbolic link" if exc.errno == errno.ELOOP else (exc.strerror or str(exc))
+    try:
+        return check_own_regular_file(fd).st_size, ""
+    except UnsafeFile as exc:
+        return None, str(exc)
+    finally:
+        os.close(fd)
+
+
+OUTPUT_MISSING_REASON = "its output log is missing"
+
+
 @dataclass(frozen=True)
 class LoadedJobs:
     """What a data directory held at start: readable records (running ones already marked
-    LOST and saved), their output lengths, and the highest id in use (0 if none)."""
+    LOST and saved), their output lengths (None: the log is missing or unusable), and the
+    highest id in use (0 if none)."""
 
     records: list[JobRecord]
-    output_lengths: dict[str, int]
+    output_lengths: dict[str, int | None]
     highest_id: int
 
 
 class JobStore:
-    """The ``jobs/`` directory of a data dir."""
+    """The ``jobs/`` directory of a data dir, and the records not yet written to it."""
 
     def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
         self.jobs_dir = data_dir / "jobs"
+        self.reserve = DiskReserve(data_dir)
+        # job id -> (record, durable) that could not be written yet; _locks serialise the
+        # writes of one job (the retry thread and the job's own save).
+        self._unsaved: dict[str, tuple[JobRecord, bool]] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._table_lock = threading.Lock()
+
+    def _lock_for(self, job_id: str) -> threading.Lock:
+        with self._table_lock:
+            return self._locks.setdefault(job_id, threading.Lock())
+
+    def keep(self, record: JobRecord, *, durable: bool = True) -> None:
+        """``save`` the record (releasing the reserve if a final record finds the disk
+        full); if that fails, keep it for ``retry_unsaved`` and re-raise the OSError."""
+        with self._lock_for(record.id):
+            try:
+                if durable:
+                    run_with_reserve(self.reserve, partial(self.save, record))
+                else:
+                    self.save(record, durable=False)
+            except OSError:
+                with self._table_lock:
+                    self._unsaved[record.id] = (record, durable)
+                raise
+            with self._table_lock:
+                self._unsaved.pop(record.id, None)
+
+    @property
+    def unsaved(self) -> list[str]:
+        """Ids of the jobs whose latest record is not on disk yet."""
+        with self._table_lock:
+            return sorted(self._unsaved, key=int)
+
+    def retry_unsaved(self) -> int:
+        """Write every record kept by a failed ``keep``; return how many are still unsaved."""
+        for job_id in self.unsaved:
+            with self._lock_for(job_id):
+                with self._table_lock:
+                    entry = self._unsaved.get(job_id)  # the newest, read under the job's lock
+                if entry is None:
+                    continue  # saved by its job meanwhile
+                record, durable = entry
+                try:
+                    run_with_reserve(self.reserve, partial(self.save, record, durable=durable))
+                except FileNotFoundError:
+                    # Its directory was never made (the disk was full at create) or is gone.
+                    log.warning("job %s: its directory is gone; record not saved", job_id)
+                    with self._table_lock:
+                        self._unsaved.pop(job_id, None)
+                    continue
+                except OSError as exc:
+                    log.debug("job %s: record still unsaved: %s", job_id, exc)
+                    continue
+                with self._table_lock:
+                    self._unsaved.pop(job_id, None)
+                log.info("job %s: record saved after an earlier failure", job_id)
+        return len(self.unsaved)
+
+    def free_bytes(self) -> tuple[int, int]:
+        """(bytes free for us, total bytes) of the filesystem holding the data dir."""
+        info = os.statvfs(self.data_dir)
+        return info.f_bavail * info.f_frsize, info.f_blocks * info.f_frsize
 
     def job_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id
@@ -149,24 +285,32 @@ class JobStore:
     def save(self, record: JobRecord, *, durable: bool = True) -> None:
         """Write the record atomically (a reader sees the old or the new file, never a mix).
 
-        ``durable`` adds the fsyncs that make it survive a power loss, not only a crash of
-        the worker (~1.3 ms here). The engine skips them for the INITIALIZING and RUNNING
-        records: a crash of the worker leaves them in the page cache (the restart marks the
-        job LOST), a power loss takes the job's processes with it. Final records are durable.
+        ``durable`` adds the fsyncs (of the file, then of its directory after the rename)
+        that make it survive a power loss, not only a crash of the worker. The engine skips
+        them for the INITIALIZING and RUNNING records: a crash of the worker leaves them in
+        the page cache (the restart marks the job LOST), a power loss takes the job's
+        processes with it. Final records are durable. On failure the temporary file is
+        removed and OSError raised: the previous record is still in place.
         """
         directory = self.job_dir(record.id)
         payload = json.dumps(record_to_json(record), indent=1).encode()
-        temp = directory / f".{RECORD_NAME}.tmp"
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        temp = directory / TEMP_NAME
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            view = memoryview(payload)
-            while view:
-                view = view[os.write(fd, view) :]
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, directory / RECORD_NAME)
+            fd = os.open(temp, flags, 0o600)
+            try:
+                view = memoryview(payload)
+                while view:
+                    view = view[os.write(fd, view) :]
+                if durable:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temp, directory / RECORD_NAME)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
         if not durable:
             return
         dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -175,46 +319,88 @@ class JobStore:
         finally:
             os.close(dir_fd)
 
-    def load(self) -> LoadedJobs:
-        """Read every record. A job recorded INITIALIZING or RUNNING is marked LOST (and saved):
-        its end was never observed. Unreadable records are logged and skipped; their ids still
-        count as used, as does any numeric directory name."""
-        records: list[JobRecord] = []
-        lengths: dict[str, int] = {}
-        highest = 0
+    def scan(self) -> tuple[list[str], int]:
+        """The job directories to load, in id order, and the highest id in use (any numeric
+        name counts, usable or not). Creates ``jobs/`` if missing; raises DataDirUnusable if
+        it is not a directory we can read."""
+        try:
+            info = os.lstat(self.jobs_dir)
+        except FileNotFoundError:
+            try:
+                self.jobs_dir.mkdir(parents=True, mode=0o700)
+            except OSError as exc:
+                raise DataDirUnusable(
+                    f"cannot create {self.jobs_dir}: {exc.strerror or exc}"
+                ) from None
+            return [], 0
+        except OSError as exc:
+            raise DataDirUnusable(f"cannot use {self.jobs_dir}: {exc.strerror or exc}") from None
+        if not stat.S_ISDIR(info.st_mode):
+            raise DataDirUnusable(f"{self.jobs_dir} is not a directory")
         try:
             entries = list(os.scandir(self.jobs_dir))
-        except FileNotFoundError:
-            return LoadedJobs(records, lengths, highest)
-        numbered = [e for e in entries if e.name.isascii() and e.name.isdigit() and e.is_dir()]
-        numbered.sort(key=lambda entry: int(entry.name))
+        except OSError as exc:
+            raise DataDirUnusable(f"cannot read {self.jobs_dir}: {exc.strerror or exc}") from None
+        numbered = [e for e in entries if e.name.isascii() and e.name.isdigit()]
+        highest = max((int(e.name) for e in numbered), default=0)
+        names: list[str] = []
         for entry in numbered:
-            highest = max(highest, int(entry.name))
-            path = Path(entry.path) / RECORD_NAME
+            if entry.is_dir(follow_symlinks=False):
+                names.append(entry.name)
+            else:
+                log.warning(
+                    "job %s: %s is not a directory, skipped (its id stays used)",
+                    entry.name,
+                    entry.path,
+                )
+        names.sort(key=int)
+        return names, highest
+
+    def load_some(self, names: list[str]) -> LoadedJobs:
+        """Read the records of these job directories (blocking). A job recorded INITIALIZING
+        or RUNNING is marked LOST (and saved): its end was never observed. A record that is
+        unreadable, not a regular file owned by us, or larger than MAX_RECORD_BYTES is
+        skipped with one WARNING; its id stays used. A leftover temporary record is removed.
+        """
+        records: list[JobRecord] = []
+        lengths: dict[str, int | None] = {}
+        for name in names:
+            directory = self.jobs_dir / name
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(directory / TEMP_NAME)  # a save cut short by a crash
+            path = directory / RECORD_NAME
             try:
-                record = _read_record(path, entry.name)
+                record = _read_record(path, name)
             except FileNotFoundError:
-                log.warning("job %s: no job record, skipped (its id stays used)", entry.name)
+                log.warning("job %s: no job record, skipped (its id stays used)", name)
+                continue
+            except UnsafeFile as exc:
+                log.warning("job %s: job record %s refused (%s), skipped", name, path, exc)
                 continue
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-                log.warning("job %s: unreadable job record, skipped: %s", entry.name, exc)
+                log.warning("job %s: unreadable job record %s, skipped: %s", name, path, exc)
                 continue
-            try:
-                length = self.output_path(record.id).stat().st_size
-            except FileNotFoundError:
-                length = 0
+            length, why = _output_length(self.output_path(name))
+            if length is None and record.status is JobStatus.INITIALIZING and why == "missing":
+                length = 0  # the worker died before the job had any output file
+            elif length is None and why == "missing":
+                log.warning("job %s: output log %s is missing", name, self.output_path(name))
+            elif length is None:
+                log.warning("job %s: output log %s refused: %s", name, self.output_path(name), why)
             if not record.status.is_terminal:
                 record = replace(
                     record,
                     status=JobStatus.LOST,
                     reason=LOST_REASON,
-                    output_bytes=length,
+                    output_bytes=length or 0,
                 )
                 log.warning("job %s: marked LOST (%s)", record.id, LOST_REASON)
                 try:
                     self.save(record)
                 except OSError:
                     log.exception("job %s: cannot save its LOST record", record.id)
+            if length is None:
+                record = replace(record, reason=f"{record.reason}; {OUTPUT_MISSING_REASON}")
             records.append(record)
             lengths[record.id] = length
-        return LoadedJobs(records, lengths, highest)
+        return LoadedJobs(records, lengths, 0)

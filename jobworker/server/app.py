@@ -97,6 +97,7 @@ async def _watch_signals(
     signals: AsyncIterator[int],
     shutdown: trio.Event,
     listener_box: list[Listener],
+    starting: trio.CancelScope,
 ) -> None:
     async for signum in signals:
         name = signal.Signals(signum).name
@@ -106,6 +107,8 @@ async def _watch_signals(
         elif not shutdown.is_set():
             log.info("%s received: shutting down (a second signal forces exit)", name)
             shutdown.set()
+            if not listener_box:
+                starting.cancel()  # still starting (loading records): nothing to drain
         else:
             log.warning("%s received again: exiting now, without cleanup", name)
             logging.shutdown()
@@ -134,7 +137,7 @@ async def serve(
         )
         async with trio.open_nursery() as root:
             shutdown = trio.Event()
-            root.start_soon(_watch_signals, signals, shutdown, listener_box)
+            root.start_soon(_watch_signals, signals, shutdown, listener_box, root.cancel_scope)
             reaper = Reaper()
             reaper.enable()
             await root.start(reaper.run)
@@ -144,6 +147,7 @@ async def serve(
                 stop_grace=config.stop_grace,
                 reaper=reaper,
                 pids_max=config.pids_max,
+                min_free_disk=config.min_free_disk,
             ) as manager:
                 handler = ConnectionHandler(JobService(manager).methods(), config.limits)
                 try:
@@ -171,7 +175,8 @@ async def serve(
                     listener.shutdown()
                     serving.cancel_scope.deadline = trio.current_time() + SHUTDOWN_DRAIN_S
                 log.info("connections closed; stopping jobs")
-            with trio.move_on_after(CGROUP_CLEANUP_S, shield=True):
-                await controller.remove_roots()  # every job has ended: our subtree is empty
             root.cancel_scope.cancel()  # the reaper and the signal watcher
+        # After the root nursery, so that a start-up cut short by a signal removes it too.
+        with trio.move_on_after(CGROUP_CLEANUP_S, shield=True):
+            await controller.remove_roots()  # every job has ended: our subtree is empty
     log.info("stopped")

@@ -54,4 +54,5 @@ class ServerConfig:
     cgroups: CgroupMode = "auto"
     pids_max: int = DEFAULT_PIDS_MAX
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    min_free_disk: int | None = None  # None: the engine's default for the data disk
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)

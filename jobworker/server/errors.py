@@ -13,11 +13,13 @@ from purerpc.grpclib.exceptions import RpcFailedError
 from purerpc.grpclib.status import Status, StatusCode
 
 from jobworker.errors import (
+    DataDiskFull,
     InvalidJobSpec,
     JobNotFound,
     JobNotRunning,
     JobStartFailed,
     JobWorkerError,
+    OutputLost,
     PermissionDenied,
 )
 
@@ -33,6 +35,8 @@ STATUS_TABLE: dict[type[JobWorkerError], StatusCode] = {
     InvalidJobSpec: StatusCode.INVALID_ARGUMENT,
     PermissionDenied: StatusCode.PERMISSION_DENIED,
     JobStartFailed: StatusCode.INTERNAL,  # its message is written to be safe to show
+    DataDiskFull: StatusCode.RESOURCE_EXHAUSTED,
+    OutputLost: StatusCode.DATA_LOSS,
 }
 
 

@@ -21,6 +21,8 @@ import trio
 
 from jobworker.cgroups.base import DEFAULT_PIDS_MAX
 from jobworker.cgroups.detect import CgroupsUnavailable
+from jobworker.engine.manager import DEFAULT_MIN_FREE_DISK_BYTES, MIN_FREE_DISK_FRACTION
+from jobworker.engine.store import DataDirUnusable
 from jobworker.server import config as cfg
 from jobworker.server.app import DataDirBusy, ListenError, serve
 from jobworker.server.errors import unwrap
@@ -100,6 +102,7 @@ def _bounded(
 _positive_float = _bounded(float, "a number", 0, inclusive=False)
 _non_negative_float = _bounded(float, "a number", 0, inclusive=True)
 _positive_int = _bounded(int, "an integer", 1, inclusive=True)
+_non_negative_int = _bounded(int, "an integer", 0, inclusive=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,6 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="max processes per job (default %(default)s)",
     )
     parser.add_argument(
+        "--min-free-disk",
+        type=_non_negative_int,
+        default=None,
+        metavar="BYTES",
+        help="refuse CreateJob (RESOURCE_EXHAUSTED) while the data disk has less free space "
+        f"(default: {MIN_FREE_DISK_FRACTION * 100:g}%% of it, at least "
+        f"{DEFAULT_MIN_FREE_DISK_BYTES // 2**20} MiB)",
+    )
+    parser.add_argument(
         "--max-concurrent-streams",
         type=_positive_int,
         default=cfg.DEFAULT_MAX_CONCURRENT_STREAMS,
@@ -208,6 +220,7 @@ def config_from_args(args: argparse.Namespace) -> cfg.ServerConfig:
         cgroups=args.cgroups,
         pids_max=args.pids_max,
         max_connections=args.max_connections,
+        min_free_disk=args.min_free_disk,
         limits=cfg.ConnectionLimits(
             max_concurrent_streams=args.max_concurrent_streams,
             max_message_bytes=args.max_message_bytes,
@@ -270,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         trio.run(serve, config, ssl_context)
     except Exception as exc:
         leaf = unwrap(exc)
-        if isinstance(leaf, CgroupsUnavailable | DataDirBusy):
+        if isinstance(leaf, CgroupsUnavailable | DataDirBusy | DataDirUnusable):
             print(f"jobworker-server: {leaf}", file=sys.stderr)
             sys.exit(EXIT_CONFIG)
         if isinstance(leaf, ListenError):

@@ -313,3 +313,16 @@ async def check_interleaving(window: int, ops: list[Op]) -> None:
                 written[reader.start : reader.start + len(reader.got)]
             )
         assert output.live_readers == 0
+
+
+async def test_a_disk_that_refuses_every_write_loses_output_counted_never_raising() -> None:
+    # /dev/full: every write fails with ENOSPC, as on a full disk.
+    output = OutputLog(Path("/dev/full"), job_id="9")
+    output.open_append()
+    for _ in range(3):
+        await output.append(b"x" * 1000)
+    await output.write_owed_marker()  # no room and no reserve: the loss stays in the reason
+    output.finish()
+    assert output.length == 0  # nothing reached the file, nothing is announced
+    assert output.lost_bytes == 3000
+    assert output.loss_summary == "3000 bytes of output lost: data disk full"
