@@ -162,8 +162,12 @@ async def test_a_job_cancelled_outside_the_shutdown_path_still_cleans_up(data_di
         assert pid is not None
         paths = list(job._cgroup.paths)  # type: ignore[union-attr]
         manager._nursery.cancel_scope.cancel()
-        with trio.CancelScope(shield=True), trio.fail_after(10):
-            await job.ended.wait()
+        try:
+            with trio.CancelScope(shield=True), trio.fail_after(5):
+                await job.ended.wait()
+        finally:
+            if pid_alive(pid):  # the cleanup failed: end the job, or the manager waits for it
+                os.kill(pid, signal.SIGKILL)
         final = manager.get(record.id)
         assert (final.status, final.reason, final.exit_code) == (
             JobStatus.STOPPED,
