@@ -261,11 +261,7 @@ class V1Controller(CgroupController):
         cgroup = V1JobCgroup(job_id, dirs)
         try:
             for directory in dict.fromkeys(dirs.values()):
-                try:
-                    directory.mkdir(parents=False)
-                except FileNotFoundError:
-                    directory.parent.mkdir(exist_ok=True)
-                    directory.mkdir()
+                self._make_job_dir(directory)
                 made.append(directory)
             self._write_limits(dirs, limits)
             cgroup.register_oom_eventfd()
@@ -312,7 +308,7 @@ class V1Controller(CgroupController):
         self.ensure_roots()
         for root in self.roots():
             probe = root / f".probe-{os.getpid()}"
-            probe.mkdir()
+            self._make_job_dir(probe)
             probe.rmdir()
 
     def _leftover(self, job_id: str) -> V1JobCgroup:

@@ -215,8 +215,13 @@ class V2Controller(CgroupController):
                     cgfs.write_file(leaf / "cgroup.procs", pid)
                 except ProcessLookupError:
                     continue  # exited meanwhile
-        # Enable the controllers at every level from our own cgroup down to the root of the
-        # job cgroups (root_name may be nested: "jobworker/<instance>").
+        self._enable_controllers()
+
+    def _enable_controllers(self) -> None:
+        """Enable the controllers at every level from our own cgroup down to the root of the
+        job cgroups (root_name may be nested: "jobworker/<instance>")."""
+        if not self.controllers:
+            return
         level = self.own_dir
         cgfs.write_file(level / "cgroup.subtree_control", self._enable_line())
         for part in Path(self.root_name).parts:
@@ -228,6 +233,9 @@ class V2Controller(CgroupController):
         LimitRefused naming the limit (JobStartFailed if the mkdir itself fails)."""
         directory = self.root / job_id
         try:
+            if not self.root.is_dir():  # removed by another server's sweep while empty
+                self.root.mkdir(parents=True, exist_ok=True)
+                self._enable_controllers()
             directory.mkdir()
         except OSError as exc:
             why = os.strerror(exc.errno) if exc.errno else "error"

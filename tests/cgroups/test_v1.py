@@ -339,3 +339,33 @@ async def test_kill_lifts_the_io_throttle_so_a_process_in_throttled_io_dies(
         cg.lift_io_limits()
         await cg.kill(0)
         await cg.remove()
+
+
+async def test_sweep_removes_empty_subtrees_of_other_instances_only() -> None:
+    """Servers' subtrees are siblings (``jobworker/<instance>``). A server killed during its
+    start leaves its empty subtree behind: the next start of any server removes it, while a
+    sibling with a job below it (another server's running job) is left alone."""
+    skip_unless(_v1_usable(), "needs root and the cgroup v1 hierarchies")
+    ours = V1Controller(v1_layout(), root_name=f"{TEST_ROOT}/ours")
+    busy = V1Controller(v1_layout(), root_name=f"{TEST_ROOT}/busy")
+    killed = V1Controller(v1_layout(), root_name=f"{TEST_ROOT}/killed")
+    try:
+        for controller in (ours, busy, killed):
+            controller.probe()
+        running = busy.create("1", Limits())
+        assert await ours.sweep() == []
+        assert not any(root.exists() for root in killed.roots())
+        assert all(p.is_dir() for p in running.paths)
+        assert all(root.is_dir() for root in ours.roots())
+        # The busy server, once its job is gone and its subtree swept, makes it again.
+        await running.remove()
+        assert ours.remove_empty_siblings() == 1
+        assert not any(root.exists() for root in busy.roots())
+        again = busy.create("2", Limits())
+        assert all(p.is_dir() for p in again.paths)
+        await again.remove()
+    finally:
+        for controller in (ours, busy, killed):
+            await controller.sweep()
+            await controller.remove_roots()
+        await cgfs.remove_dirs(dict.fromkeys(root.parent for root in ours.roots()))
