@@ -6,8 +6,11 @@ so spawn failures reach the caller. Inside, one nursery holds the output pump
 and the supervision (the main process's wait plus the OOM watcher). A stop
 (or OOM, or the manager's cancellation) cancels the supervision scope; the
 cleanup that follows always runs, shielded and time-limited: kill through
-the cgroup (SIGTERM, grace, SIGKILL), reap, drain the pipe, read usage,
-remove the cgroup, record the end and persist it.
+the cgroup (SIGTERM, grace, IO throttle lifted, SIGKILL) until it is empty,
+reap, drain the pipe, read usage, remove the cgroup, record the end and
+persist it. A job is recorded ended only once nothing of it is left: processes
+that survive the bounded kill are killed again until they are gone (or the
+manager gives up at shutdown, leaving the record unended for the next start).
 """
 
 from __future__ import annotations
@@ -81,7 +84,9 @@ class Job:
     """One job: its record and output log and, while it runs, its process, cgroup and pump.
 
     ``record`` is always an immutable snapshot; ``ended`` is set once the final record is
-    persisted (at once for jobs loaded from disk).
+    persisted (at once for jobs loaded from disk), or once the job's task gave up on
+    processes that survived SIGKILL (the record then says so and is not terminal);
+    ``spawned`` once the spawn is over, whether the job runs or could not start.
     """
 
     def __init__(
@@ -104,8 +109,7 @@ class Job:
         self._env = env or {}
         self._grace = grace
         self._reaper = reaper
-        self.ended = trio.Event()  # also set, with the record left unended, if the job's
-        # task is cancelled while processes survive: nobody must wait for it forever
+        self.ended = trio.Event()
         self._life = trio.CancelScope()  # cancelled by stop, OOM
         self._pump_scope = trio.CancelScope(shield=True)  # ends at EOF, or when we give up
         self._pump_done = trio.Event()
