@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import grpc
+import pytest
 
 from jobworker.api import worker_pb2, worker_pb2_grpc
 from tests.support import grpc_credentials, in_throttled_io, pid_alive
@@ -76,3 +77,28 @@ def test_an_unknown_exit_code_reads_minus_one(
             listed = stub.GetJobs(worker_pb2.EmptyRequest(), timeout=5).jobs
         assert (lost.status, lost.exitCode) == ("LOST", -1)
         assert [(j.id, j.status, j.exitCode) for j in listed] == [("1", "LOST", -1)]
+
+
+def test_a_stop_sent_with_the_create_stops_the_job(server: ServerProc, test_pki: TestPKI) -> None:
+    """StopJob sent right behind CreateJob: it may find no job yet (NOT_FOUND, retried) or the
+    job being spawned, which it must wait for and stop, never FAILED_PRECONDITION
+    (INITIALIZING)."""
+    channel, stub = _stub(test_pki, server)
+    with channel:
+        for attempt in range(1, 6):
+            job_id = str(attempt)
+            create = stub.CreateJob.future(
+                worker_pb2.CreateJobReq(command="sleep", args=["1000"]), timeout=10
+            )
+            deadline = time.monotonic() + 10
+            stopped = None
+            while stopped is None:
+                try:
+                    stopped = stub.StopJob(worker_pb2.StopJobReq(id=job_id), timeout=10)
+                except grpc.RpcError as exc:
+                    refusal = (exc.code(), exc.details())
+                    if refusal[0] is not grpc.StatusCode.NOT_FOUND:
+                        pytest.fail(f"StopJob during the spawn answered {refusal}")
+                    assert time.monotonic() < deadline, "the job never appeared"
+            assert (stopped.status, stopped.exitCode) == ("STOPPED", 143)
+            assert create.result().id == job_id
