@@ -175,7 +175,8 @@ class Job:
                     await self._persist(durable=False)
                     await self._supervise(process)
                 finally:
-                    with trio.move_on_after(CLEANUP_TIMEOUT_S, shield=True):
+                    # The grace period is the operator's (--stop-grace): on top of the bound.
+                    with trio.move_on_after(self._grace + CLEANUP_TIMEOUT_S, shield=True):
                         await self._end_processes(process)
                     # Cut short, _end_processes may not have released the (shielded) pump:
                     # the nursery would wait for it forever.

@@ -168,3 +168,18 @@ async def test_survivors_at_shutdown_leave_the_job_unended_for_the_next_start(
     async with open_job_manager(data_dir) as manager:
         record = manager.get("1")
     assert (record.status, record.exit_code) == (JobStatus.LOST, None)
+
+
+async def test_a_grace_longer_than_the_cleanup_bound_is_honoured(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--stop-grace is the operator's: the bound on the kill comes on top of it."""
+    monkeypatch.setattr(job_module, "CLEANUP_TIMEOUT_S", 0.2)
+    async with open_job_manager(data_dir, stop_grace=0.6) as manager:
+        await manager.create(py(NOTE_TERM))
+        await wait_output(manager, "1", b"ready\n")
+        started = time.monotonic()
+        with trio.fail_after(5):
+            record = await manager.stop("1")
+        assert time.monotonic() - started >= 0.6  # SIGKILL only once the grace is over
+    assert (record.status, record.exit_code) == (JobStatus.STOPPED, 137)
