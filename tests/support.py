@@ -71,6 +71,26 @@ def proc_state(pid: int) -> str | None:
     return None if fields is None else fields[0].decode()
 
 
+def cgroup_own_dirs() -> list[Path]:
+    """This process's own cgroup in each v1 hierarchy a job joins (a test server's too)."""
+    from jobworker.cgroups import layout  # noqa: PLC0415 (only the cgroup tests need it)
+
+    mounts = layout.parse_mountinfo(layout.MOUNTINFO.read_text())
+    own = layout.parse_proc_cgroup(layout.PROC_SELF_CGROUP.read_text())
+    found = layout.v1_hierarchies(mounts, own, layout.V1_CONTROLLERS)
+    return list(dict.fromkeys(h.own_dir for h in found.values()))
+
+
+def in_throttled_io(pid: int, command: bytes) -> bool:
+    """True while ``pid`` runs ``command`` (it has exec'd: not its launch shim) and sleeps in
+    the kernel (D state), as a process waiting for throttled IO does."""
+    try:
+        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+    except OSError:
+        return False
+    return Path(argv0.decode()).name.encode() == command and proc_state(pid) == "D"
+
+
 def pid_alive(pid: int) -> bool:
     """True while ``pid`` exists and is not a zombie (dead but unreaped counts as gone)."""
     return proc_state(pid) not in (None, "Z", "X")

@@ -66,12 +66,14 @@ class JobCgroup(Protocol):
         (event-driven, or a slow poll of a counter file)."""
         ...
 
-    async def kill(self, grace: float) -> None:
+    async def kill(self, grace: float) -> bool:
         """End every process of the job. With grace > 0: SIGTERM to all, wait until they are
-        gone or ``grace`` seconds passed (returns early when empty), then SIGKILL whatever is
-        left so that nothing can fork away (freezer / cgroup.kill), until empty. grace == 0:
-        straight to SIGKILL. Never raises for processes that are already gone. Called from
-        shielded cleanup; must finish in bounded time."""
+        gone or ``grace`` seconds passed (returns early when empty), then lift the job's IO
+        throttle (a process in throttled IO cannot die until its IO is dispatched) and SIGKILL
+        whatever is left so that nothing can fork away (freezer / cgroup.kill), until empty.
+        grace == 0: straight to SIGKILL. Returns True once no process of the job is left, False
+        if some survived the bound (already logged). Never raises for processes that are
+        already gone. Called from shielded cleanup; must finish in bounded time."""
         ...
 
     def usage(self) -> Usage:

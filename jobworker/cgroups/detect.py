@@ -86,8 +86,7 @@ def detect_controller(
     if mode != "off":
         controller, why = _find_real_controller(root_name, pids_max)
         if controller is not None:
-            log.info("resource control: %s", controller.description)
-            return controller
+            return controller  # described once, by the job manager that uses it
         if mode == "require":
             raise CgroupsUnavailable(f"cgroups required but unusable: {why}")
         log.warning("RESOURCE LIMITS ARE NOT ENFORCED: %s (running without cgroups)", why)

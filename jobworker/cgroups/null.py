@@ -103,10 +103,10 @@ class NullCgroup:
             return False
         return True
 
-    async def kill(self, grace: float) -> None:
+    async def kill(self, grace: float) -> bool:
         """SIGTERM the group, wait until it is gone or ``grace`` passed, then SIGKILL it until
-        no live member is left (bounded by KILL_WAIT_S, then logged). Cancellation stops the
-        waiting; callers run this shielded."""
+        no live member is left (bounded by KILL_WAIT_S, then logged). True once the group is
+        empty. Cancellation stops the waiting; callers run this shielded."""
         if grace > 0 and self._signal(signal.SIGTERM):
             with trio.move_on_after(grace):
                 # No event tells when a process group empties: poll, briefly.
@@ -115,11 +115,12 @@ class NullCgroup:
         deadline = trio.current_time() + KILL_WAIT_S
         while not await self._is_empty():
             if not self._signal(signal.SIGKILL):
-                return
+                return True  # the group no longer exists
             if trio.current_time() > deadline:
                 log.error("job %s: processes survived SIGKILL for %.1f s", self.job_id, KILL_WAIT_S)
-                return
+                return False
             await trio.sleep(EMPTY_POLL_S)
+        return True
 
     def usage(self) -> Usage:
         return Usage()

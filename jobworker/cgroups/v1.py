@@ -34,6 +34,9 @@ FREEZE_TIMEOUT_S = 1.0  # a task in D state can keep a cgroup FREEZING; SIGKILL 
 # comes before the kill is counted; a wake without a kill means the OOM resolved otherwise).
 OOM_CONFIRM_S = 0.5
 OOM_POLL_S = 0.1  # fallback when the eventfd cannot be registered: 500 jobs x 10 reads/s
+# The throttle files a kill resets to unlimited ("MAJ:MIN 0"): the bps ones are the job's
+# limits; the iops ones are never written by us, but lifting them too costs nothing.
+THROTTLE_FILES = ("read_bps_device", "write_bps_device", "read_iops_device", "write_iops_device")
 
 
 class V1JobCgroup:
@@ -137,14 +140,36 @@ class V1JobCgroup:
 
     # -- ending ------------------------------------------------------------------------
 
-    async def kill(self, grace: float) -> None:
-        """SIGTERM all, wait up to ``grace`` (early return when empty), then freeze -> SIGKILL
-        all -> thaw until empty. Bounded; logs survivors, never raises for gone processes."""
+    async def kill(self, grace: float) -> bool:
+        """SIGTERM all, wait up to ``grace`` (early return when empty), then lift the IO
+        throttle and freeze -> SIGKILL all -> thaw until empty. Bounded; logs survivors, never
+        raises for gone processes. True once the job's cgroups are empty."""
         if grace > 0 and await terminate_phase(self.pids, grace):
+            return True
+        return await kill_rounds(self.pids, self._kill_round, f"job {self.job_id}")
+
+    def lift_io_limits(self) -> None:
+        """Set every IO throttle of the job to unlimited (``MAJ:MIN 0``).
+
+        A process whose direct IO waits in the throttle sits in uninterruptible sleep and
+        cannot die (nor freeze) until the kernel dispatches that IO, which at a low limit
+        takes as long as the limit makes it: released, the IO completes and the kill lands.
+        """
+        blkio = self._dirs.get("blkio")
+        if blkio is None:
             return
-        await kill_rounds(self.pids, self._kill_round, f"job {self.job_id}")
+        for name in THROTTLE_FILES:
+            path = blkio / f"blkio.throttle.{name}"
+            for line in (cgfs.read_text(path) or "").splitlines():
+                device, _, value = line.partition(" ")
+                if value.strip() not in ("", "0"):
+                    try:
+                        cgfs.write_file(path, f"{device} 0")
+                    except OSError as exc:
+                        log.warning("job %s: cannot lift %s: %s", self.job_id, path.name, exc)
 
     async def _kill_round(self) -> None:
+        self.lift_io_limits()
         freezer = self._dirs.get("freezer")
         frozen = False
         if freezer is not None:
@@ -236,11 +261,7 @@ class V1Controller(CgroupController):
         cgroup = V1JobCgroup(job_id, dirs)
         try:
             for directory in dict.fromkeys(dirs.values()):
-                try:
-                    directory.mkdir(parents=False)
-                except FileNotFoundError:
-                    directory.parent.mkdir(exist_ok=True)
-                    directory.mkdir()
+                self._make_job_dir(directory)
                 made.append(directory)
             self._write_limits(dirs, limits)
             cgroup.register_oom_eventfd()
@@ -287,7 +308,7 @@ class V1Controller(CgroupController):
         self.ensure_roots()
         for root in self.roots():
             probe = root / f".probe-{os.getpid()}"
-            probe.mkdir()
+            self._make_job_dir(probe)
             probe.rmdir()
 
     def _leftover(self, job_id: str) -> V1JobCgroup:

@@ -39,6 +39,7 @@ V2_CONTROLLERS = ("cpu", "io", "memory", "pids")  # the ones job limits use, in 
 SERVER_LEAF = "jobworker-server"
 CPU_PERIOD_US = 100_000  # cpu.max "<quota> <period>"; quota = percent * 1000
 MIB = 1024 * 1024
+IO_UNLIMITED = "rbps=max wbps=max riops=max wiops=max"  # io.max with no limit left
 
 
 class V2JobCgroup:
@@ -93,14 +94,31 @@ class V2JobCgroup:
             oom_kills=self.oom_kills(),
         )
 
-    async def kill(self, grace: float) -> None:
-        """SIGTERM all, wait up to ``grace``, then cgroup.kill until ``populated 0``. Bounded."""
+    async def kill(self, grace: float) -> bool:
+        """SIGTERM all, wait up to ``grace``, then lift the IO throttle and cgroup.kill until
+        ``populated 0``. Bounded. True once the cgroup is empty."""
         if grace > 0 and await terminate_phase(self.pids, grace):
-            return
+            return True
         await kill_rounds(self.pids, self._kill_round, f"job {self.job_id}")
-        await wait_until(self.is_empty, ROUND_WAIT_S)
+        return await wait_until(self.is_empty, ROUND_WAIT_S)
+
+    def lift_io_limits(self) -> None:
+        """Set the job's ``io.max`` to unlimited on every device it limits.
+
+        A process whose direct IO waits in the throttle cannot die until the kernel dispatches
+        that IO: released, the IO completes and the kill lands at once.
+        """
+        path = self.directory / "io.max"
+        for line in (cgfs.read_text(path) or "").splitlines():
+            device = line.split(" ", 1)[0]
+            if device and line.strip() != f"{device} {IO_UNLIMITED}":
+                try:
+                    cgfs.write_file(path, f"{device} {IO_UNLIMITED}")
+                except OSError as exc:
+                    log.warning("job %s: cannot lift io.max: %s", self.job_id, exc)
 
     async def _kill_round(self) -> None:
+        self.lift_io_limits()
         try:
             cgfs.write_file(self.directory / "cgroup.kill", "1")  # kernel >= 5.14
             return
@@ -197,8 +215,13 @@ class V2Controller(CgroupController):
                     cgfs.write_file(leaf / "cgroup.procs", pid)
                 except ProcessLookupError:
                     continue  # exited meanwhile
-        # Enable the controllers at every level from our own cgroup down to the root of the
-        # job cgroups (root_name may be nested: "jobworker/<instance>").
+        self._enable_controllers()
+
+    def _enable_controllers(self) -> None:
+        """Enable the controllers at every level from our own cgroup down to the root of the
+        job cgroups (root_name may be nested: "jobworker/<instance>")."""
+        if not self.controllers:
+            return
         level = self.own_dir
         cgfs.write_file(level / "cgroup.subtree_control", self._enable_line())
         for part in Path(self.root_name).parts:
@@ -210,6 +233,9 @@ class V2Controller(CgroupController):
         LimitRefused naming the limit (JobStartFailed if the mkdir itself fails)."""
         directory = self.root / job_id
         try:
+            if not self.root.is_dir():  # removed by another server's sweep while empty
+                self.root.mkdir(parents=True, exist_ok=True)
+                self._enable_controllers()
             directory.mkdir()
         except OSError as exc:
             why = os.strerror(exc.errno) if exc.errno else "error"

@@ -6,8 +6,11 @@ so spawn failures reach the caller. Inside, one nursery holds the output pump
 and the supervision (the main process's wait plus the OOM watcher). A stop
 (or OOM, or the manager's cancellation) cancels the supervision scope; the
 cleanup that follows always runs, shielded and time-limited: kill through
-the cgroup (SIGTERM, grace, SIGKILL), reap, drain the pipe, read usage,
-remove the cgroup, record the end and persist it.
+the cgroup (SIGTERM, grace, IO throttle lifted, SIGKILL) until it is empty,
+reap, drain the pipe, read usage, remove the cgroup, record the end and
+persist it. A job is recorded ended only once nothing of it is left: processes
+that survive the bounded kill are killed again until they are gone (or the
+manager gives up at shutdown, leaving the record unended for the next start).
 """
 
 from __future__ import annotations
@@ -61,6 +64,11 @@ REAP_WAIT_S = 2.0
 # Upper bound on each shielded cleanup phase, so a stuck kernel call cannot hang shutdown.
 CLEANUP_TIMEOUT_S = 10.0
 PERSIST_FALLBACK_S = 2.0  # saving the record when cleanup itself timed out
+# A job is recorded ended only once nothing of it is left. Processes that survive the kill
+# (stuck in the kernel) are killed again this often until they are gone.
+KILL_RETRY_S = 1.0
+SURVIVORS_REASON = "processes survive SIGKILL: retrying the kill"
+UNENDED_REASON = "processes survived SIGKILL: the next start kills them"
 # Shell convention for a command that could not be executed (found but not runnable) and
 # for one that was not found, used as the exit code of a job that never started.
 EXIT_CANNOT_EXECUTE = 126
@@ -76,7 +84,9 @@ class Job:
     """One job: its record and output log and, while it runs, its process, cgroup and pump.
 
     ``record`` is always an immutable snapshot; ``ended`` is set once the final record is
-    persisted (at once for jobs loaded from disk).
+    persisted (at once for jobs loaded from disk), or once the job's task gave up on
+    processes that survived SIGKILL (the record then says so and is not terminal);
+    ``spawned`` once the spawn is over, whether the job runs or could not start.
     """
 
     def __init__(
@@ -106,9 +116,12 @@ class Job:
         self._stop_reason: str | None = None
         self._oom = False
         self._exited_by_itself = False
+        self._emptied = False  # True once no process of the job is left
+        self.spawned = trio.Event()  # the spawn is over (the job runs, or it could not start)
         self.pid: int | None = None  # the main process, once spawned
         self._final: JobRecord | None = None  # the snapshot, cached once ended
         if record.status.is_terminal:
+            self.spawned.set()
             self.ended.set()
 
     @property
@@ -146,6 +159,7 @@ class Job:
         with trio.CancelScope(shield=True):  # bounded work that must not be half-done
             process = await self._spawn()
         self._record = replace(self._record, status=JobStatus.RUNNING)
+        self.spawned.set()
         log.info("job %s started: pid %d", self.id, process.pid)
         task_status.started()
         self._argv, self._env = [], {}  # up to 1 MiB of args: the record keeps its own copy
@@ -161,11 +175,14 @@ class Job:
                     await self._persist(durable=False)
                     await self._supervise(process)
                 finally:
-                    with trio.move_on_after(CLEANUP_TIMEOUT_S, shield=True):
+                    # The grace period is the operator's (--stop-grace): on top of the bound.
+                    with trio.move_on_after(self._grace + CLEANUP_TIMEOUT_S, shield=True):
                         await self._end_processes(process)
                     # Cut short, _end_processes may not have released the (shielded) pump:
                     # the nursery would wait for it forever.
                     self._pump_scope.cancel()
+            if not self._emptied:
+                await self._outlast_survivors(process)
         except Exception:
             # A job is an isolation boundary: a bug or a driver failure in one job must not
             # take the manager (and every other job) down. Its end is still recorded.
@@ -177,7 +194,7 @@ class Job:
                 # _finalize timed out (a stuck kernel call): stop waiters and stream readers
                 # must not wait forever. The record says what happened.
                 log.error("job %s: cleanup did not finish in %.0f s", self.id, CLEANUP_TIMEOUT_S)
-                if not self._record.status.is_terminal:
+                if self._emptied and not self._record.status.is_terminal:
                     self._record = replace(
                         self._record,
                         status=JobStatus.FAILED,
@@ -245,6 +262,7 @@ class Job:
         self.output.finish()
         await self._persist()
         self.ended.set()
+        self.spawned.set()
         raise JobStartFailed(f"job {self.id} could not start: {why}") from None
 
     async def _supervise(self, process: trio.Process) -> None:
@@ -289,14 +307,50 @@ class Job:
             self._stop_reason = SHUTDOWN_REASON  # cancelled from outside: the manager is closing
         # A stop gets the grace period; leftovers of a job that ended, or an OOM'd job, do not.
         graceful = self._stop_reason is not None and not self._oom and not exited_by_itself
+        empty = await self._kill(process, self._grace if graceful else 0)
+        while not empty:  # bounded by the caller's cleanup scope
+            await trio.sleep(KILL_RETRY_S)
+            empty = await self._kill(process, 0)
+        self._emptied = True
+        await self._reap(process)
+        with trio.move_on_after(PUMP_DRAIN_S):
+            await self._pump_done.wait()
+        if not self._pump_done.is_set():
+            log.warning("job %s: a process outside the job still holds its output open", self.id)
+            self._pump_scope.cancel()
+
+    async def _kill(self, process: trio.Process, grace: float) -> bool:
+        """Kill through the driver; True once nothing of the job is left. A failing driver is
+        replaced by a SIGKILL to the job's process group (then assumed to have worked)."""
+        assert self._cgroup is not None
         try:
-            await self._cgroup.kill(self._grace if graceful else 0)
+            return await self._cgroup.kill(grace)
         except Exception:
             log.exception(
                 "job %s: the driver could not kill it; killing its process group", self.id
             )
             with contextlib.suppress(OSError):
                 os.killpg(process.pid, signal.SIGKILL)
+            return True
+
+    async def _outlast_survivors(self, process: trio.Process) -> None:
+        """Kill again, every KILL_RETRY_S, until nothing of the job is left; then reap.
+
+        Not shielded: cancelled (the manager closing, or its owner), the job is left unended
+        (see _finalize) and the next start's sweep kills what survived.
+        """
+        log.error("job %s: processes survive SIGKILL; killing them again until gone", self.id)
+        self._record = replace(self._record, reason=SURVIVORS_REASON)
+        await self._persist()
+        # Polled: the kernel offers no event for a process leaving uninterruptible sleep.
+        while not await self._kill(process, 0):  # noqa: ASYNC110
+            await trio.sleep(KILL_RETRY_S)
+        self._emptied = True
+        with trio.move_on_after(CLEANUP_TIMEOUT_S, shield=True):
+            await self._reap(process)
+
+    async def _reap(self, process: trio.Process) -> None:
+        """Wait for the main process (it has been killed); release it to the reaper."""
         with trio.move_on_after(REAP_WAIT_S):
             await process.wait()
         if process.returncode is None:
@@ -306,15 +360,21 @@ class Job:
         if self._reaper:
             self._reaper.release(process.pid)
             self._reaper.reap_now()
-        with trio.move_on_after(PUMP_DRAIN_S):
-            await self._pump_done.wait()
-        if not self._pump_done.is_set():
-            log.warning("job %s: a process outside the job still holds its output open", self.id)
-            self._pump_scope.cancel()
 
     async def _finalize(self, process: trio.Process) -> None:
-        """Read usage, record the final state, end the log, remove the cgroup, persist."""
+        """Read usage, record the final state, end the log, remove the cgroup, persist.
+
+        If processes of the job survive (the kill was cut short), the job is not recorded
+        ended: its record keeps its status, says why, and the next start marks it LOST.
+        """
         assert self._cgroup is not None
+        if not self._emptied:
+            log.error("job %s: left unended: %s", self.id, UNENDED_REASON)
+            self._record = replace(self._record, reason=UNENDED_REASON)
+            self.output.finish()
+            await self._persist()
+            self.ended.set()
+            return
         try:
             oom_kills = self._cgroup.oom_kills()
             usage = self._cgroup.usage()

@@ -18,7 +18,13 @@ import trio
 
 from jobworker.cgroups.base import DEFAULT_PIDS_MAX, ResourceController
 from jobworker.cgroups.null import NullController
-from jobworker.engine.job import SHUTDOWN_REASON, STOP_GRACE_S, STOPPED_REASON, Job
+from jobworker.engine.job import (
+    CLEANUP_TIMEOUT_S,
+    SHUTDOWN_REASON,
+    STOP_GRACE_S,
+    STOPPED_REASON,
+    Job,
+)
 from jobworker.engine.model import JobRecord, JobSpec, JobStatus, utc_now
 from jobworker.engine.output import OutputLog, OutputReader
 from jobworker.engine.reaping import Reaper
@@ -51,6 +57,10 @@ LOAD_BATCH = 64
 def default_min_free_disk(total_bytes: int) -> int:
     """The free-space floor for a data disk of ``total_bytes`` when none is configured."""
     return max(int(total_bytes * MIN_FREE_DISK_FRACTION), DEFAULT_MIN_FREE_DISK_BYTES)
+
+# At shutdown, how long a job whose processes survive SIGKILL is killed again before the
+# manager gives up on it (its record then stays unended and the next start sweeps it).
+SURVIVOR_WAIT_S = CLEANUP_TIMEOUT_S
 
 
 class JobManager:
@@ -172,8 +182,10 @@ class JobManager:
         """Stop a RUNNING job: SIGTERM, grace period, SIGKILL, reap, record STOPPED, persist;
         return the final record. Concurrent stops of one job all wait for the same end and
         return the same record. Raises JobNotFound, or JobNotRunning once it has ended.
+        A job still being spawned (INITIALIZING) is stopped once it runs.
         Cancelling the caller does not cancel the stop, only the wait for it."""
         job = self._job(job_id)
+        await job.spawned.wait()  # at once unless the job is being spawned: milliseconds
         if job.status is not JobStatus.RUNNING:
             raise JobNotRunning(job_id, job.status.value)
         job.request_stop(STOPPED_REASON)
@@ -277,6 +289,10 @@ async def open_job_manager(
                 yield manager
             finally:
                 manager._shutdown()
+                # Every job's cleanup is shielded and bounded on its own: the deadline only
+                # cuts the re-killing of processes that survived SIGKILL (left for the next
+                # start).
+                nursery.cancel_scope.deadline = trio.current_time() + SURVIVOR_WAIT_S
         keeper.cancel_scope.cancel()
         with trio.move_on_after(FINAL_FLUSH_S, shield=True):
             if await trio.to_thread.run_sync(store.retry_unsaved):

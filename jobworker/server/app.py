@@ -24,7 +24,9 @@ from pathlib import Path
 import anyio
 import anyio.abc
 import trio
+from anyio.streams.stapled import MultiListener
 
+from jobworker.cgroups.base import ResourceController
 from jobworker.cgroups.detect import detect_controller
 from jobworker.cgroups.reaper import Reaper
 from jobworker.engine import open_job_manager
@@ -115,6 +117,26 @@ async def _watch_signals(
             os._exit(FORCED_EXIT_CODE)
 
 
+async def _bind(config: ServerConfig) -> MultiListener[anyio.abc.SocketStream]:
+    """Listen on --listen (ListenError if the address cannot be bound)."""
+    try:
+        return await anyio.create_tcp_listener(local_host=config.host, local_port=config.port)
+    except OSError as exc:
+        where = format_address(config.host, config.port)
+        raise ListenError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+
+
+@contextlib.asynccontextmanager
+async def _removing_roots(controller: ResourceController) -> AsyncIterator[None]:
+    """Remove our job-cgroup subtree on the way out, however serving ended (by then every job
+    has ended, so it is empty); shielded and bounded."""
+    try:
+        yield
+    finally:
+        with trio.move_on_after(CGROUP_CLEANUP_S, shield=True):
+            await controller.remove_roots()
+
+
 async def serve(
     config: ServerConfig,
     ssl_context: ssl.SSLContext,
@@ -132,10 +154,16 @@ async def serve(
         lock_data_dir(config.data_dir),
         trio.open_signal_receiver(*SHUTDOWN_SIGNALS, DEBUG_SIGNAL) as signals,
     ):
-        controller = detect_controller(
-            config.cgroups, pids_max=config.pids_max, root_name=instance_name(config.data_dir)
-        )
-        async with trio.open_nursery() as root:
+        # Bound before any cgroup is made: an address in use leaves nothing behind.
+        tcp = await _bind(config)
+        try:
+            controller = detect_controller(
+                config.cgroups, pids_max=config.pids_max, root_name=instance_name(config.data_dir)
+            )
+        except BaseException:
+            await anyio.aclose_forcefully(tcp)
+            raise
+        async with tcp, _removing_roots(controller), trio.open_nursery() as root:
             shutdown = trio.Event()
             root.start_soon(_watch_signals, signals, shutdown, listener_box, root.cancel_scope)
             reaper = Reaper()
@@ -150,13 +178,6 @@ async def serve(
                 min_free_disk=config.min_free_disk,
             ) as manager:
                 handler = ConnectionHandler(JobService(manager).methods(), config.limits)
-                try:
-                    tcp = await anyio.create_tcp_listener(
-                        local_host=config.host, local_port=config.port
-                    )
-                except OSError as exc:
-                    where = format_address(config.host, config.port)
-                    raise ListenError(f"cannot listen on {where}: {exc.strerror or exc}") from None
                 sockets = [s for s in tcp.listeners if isinstance(s, anyio.abc.SocketListener)]
                 listener = Listener(
                     sockets,

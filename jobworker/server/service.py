@@ -18,6 +18,7 @@ from jobworker.engine import JobManager, JobRecord, JobSpec, rfc3339
 
 SERVICE_NAME = "job_worker.JobService"  # package.service in protos/worker.proto
 STREAM_CHUNK_BYTES = 64 * 1024  # DataChunk payload limit promised by the API
+EXIT_CODE_UNKNOWN = -1  # no process exits with it: exit statuses are 0-255 (README "Jobs")
 
 SendMessage = Callable[[Message], Awaitable[None]]
 UnaryCall = Callable[[Any], Awaitable[Message]]
@@ -45,8 +46,16 @@ def job_fields(record: JobRecord) -> dict[str, Any]:
         "status": str(record.status),
         "startTime": rfc3339(record.start_time),
         "endTime": rfc3339(record.end_time),
-        "exitCode": record.exit_code if record.exit_code is not None else 0,
+        "exitCode": wire_exit_code(record),
     }
+
+
+def wire_exit_code(record: JobRecord) -> int:
+    """The exit code as sent: 0 while the job runs, -1 for an ended job whose exit status is
+    unknown (LOST, or its process could not be reaped): never a made-up 0."""
+    if record.exit_code is not None:
+        return record.exit_code
+    return EXIT_CODE_UNKNOWN if record.status.is_terminal else 0
 
 
 class JobService:
@@ -88,7 +97,7 @@ class JobService:
             id=record.id,
             status=str(record.status),
             endTime=rfc3339(record.end_time),
-            exitCode=record.exit_code if record.exit_code is not None else 0,
+            exitCode=wire_exit_code(record),
         )
 
     async def list_jobs(self, request: pb.EmptyRequest) -> pb.Jobs:

@@ -14,7 +14,7 @@ from jobworker.cgroups import cgfs
 from jobworker.cgroups.base import Limits
 from jobworker.cgroups.v1 import V1Controller, V1JobCgroup
 from jobworker.errors import LimitRefused
-from tests.support import descendants, pid_alive, skip_unless
+from tests.support import descendants, in_throttled_io, pid_alive, skip_unless
 
 from .conftest import _v1_usable, v1_layout
 from .helpers import TEST_ROOT, poll_until, spawn
@@ -315,3 +315,57 @@ async def test_instances_sweep_only_their_own_subtree() -> None:
                 await ctl.sweep()
                 await ctl.remove_roots()
             await parent.remove_roots()
+
+
+async def test_kill_lifts_the_io_throttle_so_a_process_in_throttled_io_dies(
+    v1: V1Controller, tmp_path: Path
+) -> None:
+    """Direct IO waiting in the throttle holds its process in D state, deaf to SIGKILL, until
+    the IO is dispatched (a minute at this limit): kill() sets the throttle to unlimited
+    first, so the process dies at once."""
+    cg = v1.create("9", Limits(io_bps=1024))
+    dd = ["dd", "if=/dev/zero", f"of={tmp_path / 'f'}", "bs=64k", "count=1", "oflag=direct"]
+    proc = await spawn(cg.wrap_argv(dd), stderr=subprocess.DEVNULL)
+    try:
+        await poll_until(lambda: in_throttled_io(proc.pid, b"dd"), 5, "dd held by the throttle")
+        with trio.fail_after(3):  # a bound on correctness: without the lift, over ten seconds
+            assert await cg.kill(0)
+            await proc.wait()
+        assert not pid_alive(proc.pid)
+        blkio = next(p for p in cg.paths if "/blkio/" in str(p))
+        for name in ("read_bps_device", "write_bps_device"):
+            assert (cgfs.read_text(blkio / f"blkio.throttle.{name}") or "").strip() == ""
+    finally:
+        cg.lift_io_limits()
+        await cg.kill(0)
+        await cg.remove()
+
+
+async def test_sweep_removes_empty_subtrees_of_other_instances_only() -> None:
+    """Servers' subtrees are siblings (``jobworker/<instance>``). A server killed during its
+    start leaves its empty subtree behind: the next start of any server removes it, while a
+    sibling with a job below it (another server's running job) is left alone."""
+    skip_unless(_v1_usable(), "needs root and the cgroup v1 hierarchies")
+    ours = V1Controller(v1_layout(), root_name=f"{TEST_ROOT}/ours")
+    busy = V1Controller(v1_layout(), root_name=f"{TEST_ROOT}/busy")
+    killed = V1Controller(v1_layout(), root_name=f"{TEST_ROOT}/killed")
+    try:
+        for controller in (ours, busy, killed):
+            controller.probe()
+        running = busy.create("1", Limits())
+        assert await ours.sweep() == []
+        assert not any(root.exists() for root in killed.roots())
+        assert all(p.is_dir() for p in running.paths)
+        assert all(root.is_dir() for root in ours.roots())
+        # The busy server, once its job is gone and its subtree swept, makes it again.
+        await running.remove()
+        assert ours.remove_empty_siblings() == 1
+        assert not any(root.exists() for root in busy.roots())
+        again = busy.create("2", Limits())
+        assert all(p.is_dir() for p in again.paths)
+        await again.remove()
+    finally:
+        for controller in (ours, busy, killed):
+            await controller.sweep()
+            await controller.remove_roots()
+        await cgfs.remove_dirs(dict.fromkeys(root.parent for root in ours.roots()))

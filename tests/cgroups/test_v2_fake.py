@@ -3,6 +3,7 @@ and how it parses what the kernel would show. No root needed."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -174,3 +175,39 @@ def test_nested_root_enables_controllers_at_every_level(
         ("jobworker/abc123/cgroup.subtree_control", "+cpu +io +memory +pids"),
     ]
     assert ctl.root == fake_mount / "jobworker" / "abc123"
+
+
+async def test_a_kill_round_lifts_io_max_before_cgroup_kill(
+    fake_mount: Path, writes: list[tuple[str, str]]
+) -> None:
+    """A process in throttled IO cannot die until its IO is dispatched: every kill round sets
+    io.max to unlimited on each device the job is limited on, then writes cgroup.kill."""
+    ctl = controller(fake_mount, own="/")
+    ctl.setup()
+    cg = ctl.create("1", Limits(io_bps=1000))
+    limited = "rbps=1000 wbps=1000 riops=max wiops=max"
+    (cg.directory / "io.max").write_text(f"254:0 {limited}\n8:16 {limited}\n")  # as the kernel
+    writes.clear()
+    await cg._kill_round()
+    unlimited = "rbps=max wbps=max riops=max wiops=max"
+    assert relative(writes, fake_mount) == [
+        ("jobworker/1/io.max", f"254:0 {unlimited}"),
+        ("jobworker/1/io.max", f"8:16 {unlimited}"),
+        ("jobworker/1/cgroup.kill", "1"),
+    ]
+
+
+def test_create_remakes_a_root_another_server_swept(
+    fake_mount: Path, writes: list[tuple[str, str]]
+) -> None:
+    """Another server's start removes our job-cgroup root while it is empty: the next create
+    makes it again, controllers enabled, instead of failing."""
+    ctl = V2Controller(Hierarchy(frozenset(), fake_mount, "/"), root_name="jobworker/abc123")
+    ctl.setup()
+    shutil.rmtree(fake_mount / "jobworker" / "abc123")  # the sweep's rmdir, on a plain tree
+    writes.clear()
+    cg = ctl.create("1", Limits())
+    assert cg.directory.is_dir()
+    assert ("jobworker/abc123/cgroup.subtree_control", "+cpu +io +memory +pids") in relative(
+        writes, fake_mount
+    )

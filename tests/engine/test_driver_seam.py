@@ -43,11 +43,11 @@ class FakeCgroup(NullCgroup):
     def usage(self) -> Usage:
         return Usage(cpu_time_s=1.5, peak_memory_bytes=4096, oom_kills=self.controller.oom_kills)
 
-    async def kill(self, grace: float) -> None:
+    async def kill(self, grace: float) -> bool:
         self.kills.append(grace)
         if self.controller.kill_fails:
             raise OSError("simulated driver failure")
-        await super().kill(grace)
+        return await super().kill(grace)
 
     async def remove(self) -> None:
         self.removed = True

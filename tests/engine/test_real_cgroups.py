@@ -4,10 +4,12 @@ job's process group."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -15,15 +17,17 @@ import trio
 
 from jobworker.cgroups import CgroupsUnavailable, Reaper, detect_controller
 from jobworker.engine import JobManager, JobSpec, JobStatus, open_job_manager
-from tests.support import pid_alive, skip_unless
+from tests.support import in_throttled_io, pid_alive, skip_unless
 
-from .helpers import PY, sh, wait_ended, wait_output, wait_until
+from .helpers import PY, py, read_all, sh, wait_ended, wait_output, wait_until
+from .test_stop import IGNORE_TERM
 
 pytestmark = pytest.mark.cgroups
 
 
-@pytest.fixture
-async def cg_manager(data_dir: Path) -> AsyncIterator[JobManager]:
+@asynccontextmanager
+async def real_manager(data_dir: Path) -> AsyncIterator[JobManager]:
+    """A job manager on the real cgroups with the orphan reaper, as the server runs it."""
     skip_unless(os.geteuid() == 0, "needs root for cgroups")
     try:
         controller = detect_controller("require", root_name=f"jobworker-enginetest-{os.getpid()}")
@@ -41,6 +45,12 @@ async def cg_manager(data_dir: Path) -> AsyncIterator[JobManager]:
     finally:
         reaper.disable()
         await controller.remove_roots()
+
+
+@pytest.fixture
+async def cg_manager(data_dir: Path) -> AsyncIterator[JobManager]:
+    async with real_manager(data_dir) as manager:
+        yield manager
 
 
 async def test_oom_is_reported_from_the_kernel_counter(cg_manager: JobManager) -> None:
@@ -103,3 +113,70 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_text()
     except OSError:
         return ""
+
+
+def _live_in(paths: list[Path]) -> set[int]:
+    """Live pids still listed in any of the job's cgroups (none once they are gone)."""
+    found: set[int] = set()
+    for directory in paths:
+        try:
+            text = (directory / "cgroup.procs").read_text()
+        except OSError:
+            continue
+        found |= {int(pid) for pid in text.split() if pid_alive(int(pid))}
+    return found
+
+
+async def test_a_job_in_throttled_io_is_killed_at_once(cg_manager: JobManager) -> None:
+    """A process whose direct IO waits in the throttle sits in D state and cannot die until
+    the IO is dispatched (a minute here): the stop lifts the throttle before the kill, so the
+    job dies at once and is recorded only once nothing of it is left."""
+    dd = ("if=/dev/zero", "of=f", "bs=64k", "count=1", "oflag=direct")
+    record = await cg_manager.create(JobSpec("dd", dd, max_iobps=1024))
+    job = cg_manager._jobs[record.id]
+    pid = job.pid
+    assert pid is not None
+    await wait_until(lambda: in_throttled_io(pid, b"dd"), timeout=5)  # held by the throttle
+    paths = list(job._cgroup.paths)  # type: ignore[union-attr]
+    started = time.monotonic()
+    final = await cg_manager.stop(record.id)
+    took = time.monotonic() - started
+    print(f"stop of a job in throttled IO took {took * 1000:.1f} ms")
+    assert took < 3.0  # a correctness bound: without the lift it takes over ten seconds
+    assert final.status is JobStatus.STOPPED
+    assert final.exit_code in (137, 143)  # dd had SIGTERM pending when the IO returned
+    assert not pid_alive(pid)
+    assert _live_in(paths) == set()
+    assert not any(p.exists() for p in paths)
+
+
+async def test_a_job_cancelled_outside_the_shutdown_path_still_cleans_up(data_dir: Path) -> None:
+    """Cancelling the jobs' nursery without the manager's own shutdown (its owner's scope
+    cancelled) still takes every job through the whole stop path: SIGTERM, grace, SIGKILL,
+    reap, cgroups removed, the record persisted."""
+    async with real_manager(data_dir) as manager:
+        record = await manager.create(py(IGNORE_TERM))
+        await wait_output(manager, record.id, b"ready\n")
+        job = manager._jobs[record.id]
+        pid = job.pid
+        assert pid is not None
+        paths = list(job._cgroup.paths)  # type: ignore[union-attr]
+        manager._nursery.cancel_scope.cancel()
+        try:
+            with trio.CancelScope(shield=True), trio.fail_after(5):
+                await job.ended.wait()
+        finally:
+            if pid_alive(pid):  # the cleanup failed: end the job, or the manager waits for it
+                os.kill(pid, signal.SIGKILL)
+        final = manager.get(record.id)
+        assert (final.status, final.reason, final.exit_code) == (
+            JobStatus.STOPPED,
+            "worker shutdown",
+            137,
+        )
+        assert not pid_alive(pid)
+        assert not any(p.exists() for p in paths)
+        stored = json.loads((data_dir / "jobs" / record.id / "job.json").read_text())
+        assert (stored["status"], stored["exit_code"]) == ("STOPPED", 137)
+        with trio.CancelScope(shield=True), trio.fail_after(5):
+            assert await read_all(manager, record.id) == b"ready\n"
