@@ -27,6 +27,7 @@ from jobworker.cli.args import (
     print_usage_error,
 )
 from jobworker.cli.commands import run
+from jobworker.cli.render import escape
 from jobworker.client import ClientError, ConnectError, ConnectionLost, DeadlineExceeded
 
 __all__ = ["main"]
@@ -78,8 +79,9 @@ def _report(exc: BaseException) -> int:
 
 
 def _error_line(message: str) -> None:
+    # The message may quote what a server or a job's creator sent: escaped, one line.
     with contextlib.suppress(Exception):
-        print("Error: " + " ".join(message.split()), file=sys.stderr, flush=True)
+        print("Error: " + escape(message.strip()), file=sys.stderr, flush=True)
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:

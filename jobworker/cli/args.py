@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from jobworker import __version__
+from jobworker.cli.render import escape
 from jobworker.client.address import parse_server
 
 DEFAULT_SERVER = "localhost:50051"  # the spec's default
@@ -383,4 +384,4 @@ def parse(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Comm
 def print_usage_error(error: UsageError) -> None:
     """One line on stderr: ``Error: <message> (see 'jobworker [<command>] --help')``."""
     where = f"jobworker {error.command} --help" if error.command else "jobworker --help"
-    print(f"Error: {error} (see '{where}')", file=sys.stderr)
+    print(f"Error: {escape(str(error))} (see '{where}')", file=sys.stderr)

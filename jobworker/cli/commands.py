@@ -71,7 +71,7 @@ async def stream(client: JobClient, command: Command, stdout: BinaryIO, stderr: 
     job_id = command.job_id
     before = await client.get(job_id)
     if command.follow:
-        stderr.write(f"Streaming logs for job {job_id} (Press Ctrl+C to exit):\n")
+        stderr.write(f"Streaming logs for job {render.escape(job_id)} (Press Ctrl+C to exit):\n")
         stderr.flush()
     async with client.stream(job_id) as output:
         if command.follow or before.status in render.ENDED_STATUSES:
@@ -87,10 +87,14 @@ async def stream(client: JobClient, command: Command, stdout: BinaryIO, stderr: 
         return EXIT_OK
     if after.status in render.ENDED_STATUSES:
         stderr.write(
-            f"Job {job_id} ended with status {after.status} (exit code {after.exitCode})\n"
+            f"Job {render.escape(job_id)} ended with status {render.escape(after.status)}"
+            f" (exit code {after.exitCode})\n"
         )
     else:
-        stderr.write(f"Job {job_id} has not ended: the stream stopped with status {after.status}\n")
+        stderr.write(
+            f"Job {render.escape(job_id)} has not ended: the stream stopped with status"
+            f" {render.escape(after.status)}\n"
+        )
     stderr.flush()
     return EXIT_SERVER_ERROR
 

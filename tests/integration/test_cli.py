@@ -237,6 +237,38 @@ def test_stop_prints_the_spec_block_then_refuses_a_second_stop(cli: CLI) -> None
     assert again.err == f"Error: job is not running: {job_id} (current status: STOPPED)\n"
 
 
+HOSTILE_ARGS = ["\n2 COMPLETED StartTime: x Command: echo harmless\n", "\x1b[31m"]
+HOSTILE_ESCAPED = "$'\\n2 COMPLETED StartTime: x Command: echo harmless\\n' $'\\x1b[31m'"
+
+
+def test_control_characters_show_as_one_escaped_row_in_list_and_get(cli: CLI, stub) -> None:
+    run = cli("create", "echo", *HOSTILE_ARGS)
+    assert run.code == 0, run.err
+    assert b"\x1b" not in run.out
+    job_id = created_id(run)
+    job = wait_ended(stub, job_id)
+    listed = cli("list")
+    assert listed.code == 0, listed.err
+    assert b"\x1b" not in listed.out
+    lines = listed.text.splitlines()
+    assert len(lines) == len(stub.GetJobs(worker_pb2.EmptyRequest()).jobs)
+    assert [line for line in lines if "harmless" in line] == [
+        f"{job_id} COMPLETED StartTime: {job.startTime} Command: echo {HOSTILE_ESCAPED}"
+    ]
+    got = cli("get", job_id)
+    assert b"\x1b" not in got.out
+    assert f"\nCommand: echo {HOSTILE_ESCAPED}\nStatus: COMPLETED\n" in got.text
+    assert len(got.text.splitlines()) == 9
+    # JSON stays exact: the arguments as the job got them
+    assert json.loads(cli("get", job_id, "-o", "json").out)["args"] == HOSTILE_ARGS
+
+
+def test_error_messages_are_escaped_too(cli: CLI) -> None:
+    run = cli("create", "no-such-\x1b[31m-tool\n2")
+    assert (run.code, run.out) == (1, b"")
+    assert run.err == "Error: command not found in PATH: no-such-\\x1b[31m-tool\\n2\n"
+
+
 # -- JSON ------------------------------------------------------------------------------------
 
 JOB_FIELDS = [

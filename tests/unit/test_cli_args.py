@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import pytest
 
 from jobworker.api import worker_pb2
@@ -385,3 +388,50 @@ def test_json_uses_proto_names_in_proto_order_with_defaults() -> None:
     }
     assert list(render.as_dict(job)) == [f.name for f in job.DESCRIPTOR.fields]
     assert render.as_json([]) == "[]\n"
+
+
+# -- escaping: nothing a job's owner (or a server) sends can drive the terminal -------------
+
+HOSTILE_ARGS = ["\n2 COMPLETED StartTime: x Command: echo harmless\n", "\x1b[31m"]
+HOSTILE_LINE = "echo $'\\n2 COMPLETED StartTime: x Command: echo harmless\\n' $'\\x1b[31m'"
+CONTROLS = "".join(chr(c) for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)])
+
+
+def test_control_characters_in_arguments_are_shell_escaped() -> None:
+    assert render.command_line("echo", HOSTILE_ARGS) == HOSTILE_LINE
+    line = render.command_line("printf", ["%s|", f"a\\b'c{CONTROLS}\u202e\u2028 d"])
+    assert all(ch not in line for ch in CONTROLS + "\u202e\u2028")
+    assert render.command_line("echo", ["plain", "it's"]) == "echo plain 'it'\"'\"'s'"
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash for $'...' quoting")
+def test_the_escaped_command_line_is_what_bash_would_run() -> None:
+    words = ["%s\\0", *HOSTILE_ARGS, f"a\\b'c{CONTROLS[1:]}\u202e\u2028 d", "", "é"]
+    line = render.command_line("printf", words)
+    ran = subprocess.run(["bash", "-c", line], capture_output=True, check=True)
+    assert ran.stdout.split(b"\0")[:-1] == [word.encode() for word in words[1:]]
+
+
+def test_every_field_of_the_text_output_is_escaped() -> None:
+    job = worker_pb2.GetJobRes(
+        id="1\x1b[2J",
+        command="echo",
+        args=HOSTILE_ARGS,
+        status="RUN\rNING",
+        startTime="2024\n",
+        endTime="\x9b31m",
+    )
+    texts = [
+        render.job_details(job),
+        render.job_list([worker_pb2.Job(id="1\n2", status="\x1b", command="x\x07")]),
+        render.created(worker_pb2.CreateJobRes(id="\x00", status="\x7f", startTime="\x85")),
+        render.stopped(worker_pb2.StopJobRes(id="\x1b]0;title\x07", status="\u2029")),
+    ]
+    for text in texts:
+        fields = text.splitlines()
+        assert all(ch not in text for ch in CONTROLS.replace("\n", "") + "\u2029\u202e")
+        assert text.count("\n") == len(fields)
+    assert "Id: 1\\x1b[2J\n" in texts[0]
+    assert f"Command: {HOSTILE_LINE}\n" in texts[0]
+    assert "Ended At: \\u009b31m\n" in texts[0]
+    assert texts[1] == "1\\n2 \\x1b StartTime:  Command: $'x\\x07'\n"
