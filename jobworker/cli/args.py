@@ -18,6 +18,7 @@ from typing import NoReturn
 from jobworker import __version__
 from jobworker.cli.render import escape
 from jobworker.client.address import parse_server
+from jobworker.engine.spec import JOB_PATH, MAX_ARG_STRLEN
 
 DEFAULT_SERVER = "localhost:50051"  # the spec's default
 DEFAULT_CERTS_DIR = "certs"  # the spec's certs/client-cert.pem etc., relative to the cwd
@@ -106,9 +107,17 @@ examples:
 COMMAND_HELP: dict[str, tuple[str, str]] = {
     "create": (
         "Create and start a new job.",
-        """\
+        f"""\
 Everything after <command> belongs to the job, options included.
 Use "--" before a command that starts with "-".
+
+A <command> without a slash is looked up in the job's PATH, not the server's
+(nor yours):
+  PATH={JOB_PATH}
+A <command> with a slash must be an absolute path: a job runs in a fresh work
+dir of its own, so "./x" is refused. Each argument may be at most
+{MAX_ARG_STRLEN - 1} bytes (the kernel's MAX_ARG_STRLEN), and all of them together must fit in the
+kernel's ARG_MAX for one exec.
 
 examples:
   jobworker create echo "hello world"
@@ -189,6 +198,42 @@ def _add_output(parser: argparse.ArgumentParser, *, default: object) -> None:
     )
 
 
+def _add_connection_flags(
+    parser: argparse._ActionsContainer, *, timeout_default: object, default: object
+) -> None:
+    """The global flags. Every subcommand takes them too (as kubectl does); there they
+    default to SUPPRESS, so that only a flag actually given overrides the global one."""
+    parser.add_argument(
+        "--server",
+        type=_server_address,
+        default=default,
+        help=f'server address host:port (default "{DEFAULT_SERVER}", or ${ENV_SERVER})',
+    )
+    parser.add_argument(
+        "--cert",
+        default=default,
+        help=f'client certificate path (default "{DEFAULT_CERTS_DIR}/{CERT_FILE}")',
+    )
+    parser.add_argument(
+        "--key",
+        default=default,
+        help=f'client private key path (default "{DEFAULT_CERTS_DIR}/{KEY_FILE}")',
+    )
+    parser.add_argument(
+        "--ca",
+        default=default,
+        help=f'CA certificate path (default "{DEFAULT_CERTS_DIR}/{CA_FILE}")',
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=timeout_default,
+        metavar="SECONDS",
+        help="limit for connecting and for each call; streaming has none"
+        f" (default {DEFAULT_TIMEOUT_S:g})",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="jobworker",
@@ -196,28 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=MAIN_EPILOG,
         formatter_class=_formatter,
     )
-    parser.add_argument(
-        "--server",
-        type=_server_address,
-        help=f'server address host:port (default "{DEFAULT_SERVER}", or ${ENV_SERVER})',
-    )
-    parser.add_argument(
-        "--cert", help=f'client certificate path (default "{DEFAULT_CERTS_DIR}/{CERT_FILE}")'
-    )
-    parser.add_argument(
-        "--key", help=f'client private key path (default "{DEFAULT_CERTS_DIR}/{KEY_FILE}")'
-    )
-    parser.add_argument(
-        "--ca", help=f'CA certificate path (default "{DEFAULT_CERTS_DIR}/{CA_FILE}")'
-    )
-    parser.add_argument(
-        "--timeout",
-        type=_positive_seconds,
-        default=DEFAULT_TIMEOUT_S,
-        metavar="SECONDS",
-        help="limit for connecting and for each call; streaming has none"
-        f" (default {DEFAULT_TIMEOUT_S:g})",
-    )
+    _add_connection_flags(parser, timeout_default=DEFAULT_TIMEOUT_S, default=None)
     _add_output(parser, default=None)
     parser.add_argument("--version", action="version", version=f"jobworker {__version__}")
     commands = parser.add_subparsers(dest="name", metavar="<command>", required=True)
@@ -228,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
             name, help=summary, description=summary, epilog=epilog, formatter_class=_formatter
         )
         _add_output(sub, default=argparse.SUPPRESS)
+        global_flags = sub.add_argument_group("global options (also before the command)")
+        _add_connection_flags(
+            global_flags, timeout_default=argparse.SUPPRESS, default=argparse.SUPPRESS
+        )
         return sub
 
     create = command("create")
@@ -244,7 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"{what} (server default {default})",
         )
     create.add_argument(
-        "command", metavar="<command>", help="the command to run (looked up in the server's PATH)"
+        "command",
+        metavar="<command>",
+        help="the command to run: a name looked up in the job's PATH, or an absolute path",
     )
     create.add_argument(
         "args", metavar="[args...]", nargs=argparse.REMAINDER, help="its arguments, untouched"
@@ -274,9 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
 _GLOBAL_OPTIONS_WITH_VALUE = frozenset(
     {"--server", "--cert", "--key", "--ca", "--timeout", "-o", "--output"}
 )
-_CREATE_OPTIONS_WITH_VALUE = frozenset(
-    {"--max-cpu", "--max-memory", "--max-iobps", "-o", "--output"}
-)
+_CREATE_OPTIONS_WITH_VALUE = _GLOBAL_OPTIONS_WITH_VALUE | {
+    "--max-cpu",
+    "--max-memory",
+    "--max-iobps",
+}
 _END_OF_OPTIONS = "--"
 
 
@@ -347,7 +379,11 @@ def parse(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Comm
     try:
         ns = build_parser().parse_args(split.for_argparse)
     except UsageError as error:
-        error.command = error.command or split.command_name
+        # The main parser's own errors are about global flags or the command's name, which
+        # `jobworker --help` documents; stray words after a command are that command's.
+        stray = str(error).startswith("unrecognized arguments")
+        if error.command is None and stray and split.command_name in COMMAND_HELP:
+            error.command = split.command_name
         raise
     if ns.name == "create":
         if not ns.command:

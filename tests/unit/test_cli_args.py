@@ -11,6 +11,7 @@ from jobworker.api import worker_pb2
 from jobworker.cli import main, render
 from jobworker.cli.args import (
     DEFAULT_SERVER,
+    DEFAULT_TIMEOUT_S,
     EXIT_USAGE,
     Command,
     UsageError,
@@ -18,6 +19,7 @@ from jobworker.cli.args import (
 )
 from jobworker.client.address import ServerAddress, parse_server
 from jobworker.client.connection import encode_grpc_timeout
+from jobworker.engine.spec import JOB_PATH
 
 NO_ENV: dict[str, str] = {}
 
@@ -235,9 +237,73 @@ def test_bad_connection_settings_are_usage_errors(argv: list[str], env: dict[str
         parsed(*argv, env=env)
 
 
-def test_global_flags_go_before_the_command() -> None:
-    with pytest.raises(UsageError):
-        parsed("list", "--server", "x:1")
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--server", "x:1", "--timeout=3", "--cert", "c", "--key", "k", "--ca", "a", "list"],
+        ["list", "--server", "x:1", "--timeout=3", "--cert", "c", "--key", "k", "--ca", "a"],
+        ["--server=x:1", "list", "--timeout", "3", "--cert=c", "--key=k", "--ca=a"],
+        ["get", "--server=x:1", "--timeout=3", "--cert=c", "--key=k", "--ca=a", "7"],
+        [
+            "stream",
+            "7",
+            "--follow=false",
+            "--server=x:1",
+            "--timeout=3",
+            "--cert=c",
+            "--key=k",
+            "--ca=a",
+        ],
+        ["create", "--server=x:1", "--timeout=3", "--cert=c", "--key=k", "--ca=a", "true"],
+    ],
+)
+def test_global_flags_go_before_or_after_the_command(argv: list[str]) -> None:
+    command = parsed(*argv)
+    assert command.connection.server == "x:1"
+    assert command.connection.timeout == 3.0
+    assert (command.connection.cert, command.connection.key, command.connection.ca) == (
+        "c",
+        "k",
+        "a",
+    )
+
+
+def test_a_global_flag_after_the_command_wins_and_the_jobs_flags_stay_the_jobs() -> None:
+    assert parsed("--server=x:1", "list", "--server=y:2").connection.server == "y:2"
+    create = parsed("create", "--server=x:1", "echo", "--server=y:2", "--timeout=1")
+    assert create.connection.server == "x:1"
+    assert create.connection.timeout == DEFAULT_TIMEOUT_S
+    assert create.args == ("--server=y:2", "--timeout=1")
+
+
+@pytest.mark.parametrize(
+    ("argv", "hint"),
+    [
+        (["bogus"], "jobworker --help"),
+        (["--timeout=0", "list"], "jobworker --help"),
+        (["--server=host:x", "get", "1"], "jobworker --help"),
+        (["list", "--timeout=0"], "jobworker list --help"),
+        (["list", "extra"], "jobworker list --help"),
+        (["create", "--max-cpu=x", "echo"], "jobworker create --help"),
+        (["get"], "jobworker get --help"),
+    ],
+)
+def test_usage_errors_point_to_the_help_that_documents_the_flag(
+    capsys: pytest.CaptureFixture[str], argv: list[str], hint: str
+) -> None:
+    assert main(argv) == EXIT_USAGE
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("Error: ")
+    assert err.endswith(f" (see '{hint}')\n")
+    assert err.count("\n") == 1
+
+
+def test_create_help_names_the_jobs_path(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["create", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"looked up in the job's PATH, not the server's (nor yours): PATH={JOB_PATH} " in out
+    assert "server's PATH" not in out
 
 
 # -- main(): exit codes without a server -----------------------------------------------------
