@@ -43,7 +43,9 @@ class ConnectError(ClientError):
     Messages say which step failed: ``cannot connect to host:port: ...``,
     ``certificate verify failed: ...`` (the server's certificate),
     ``TLS handshake refused by server: ...`` (our certificate),
-    ``missing certificate file at PATH``.
+    ``missing certificate file at PATH``, ``certificate file is a directory: PATH``,
+    ``cannot load certificate PATH: not a PEM certificate``, ``cannot load key PATH: ...``,
+    ``key PATH does not match certificate PATH``.
     """
 
 

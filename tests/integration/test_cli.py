@@ -8,6 +8,7 @@ channel is the independent witness for what the server actually got.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from jobworker import pki
 from jobworker.api import worker_pb2, worker_pb2_grpc
@@ -460,6 +462,60 @@ def test_missing_certificate_file(cli: CLI, tmp_path: Path) -> None:
     run = cli("--cert", str(missing), "list")
     assert (run.code, run.out) == (3, b"")
     assert run.err == f"Error: missing certificate file at {missing}\n"
+
+
+@pytest.fixture
+def bad_files(test_pki: TestPKI, tmp_path: Path) -> dict[str, Path]:
+    """Files that are not what --cert/--key/--ca need, each in its own way."""
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_bytes(b"this is not a certificate\n")
+    empty = tmp_path / "empty.pem"
+    empty.write_bytes(b"")
+    fifo = tmp_path / "fifo.pem"
+    os.mkfifo(fifo)  # opening it would block: it must be refused before
+    encrypted = tmp_path / "encrypted-key.pem"
+    key = serialization.load_pem_private_key(test_pki.key("admin-client").read_bytes(), None)
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    return {"garbage": garbage, "empty": empty, "fifo": fifo, "encrypted": encrypted}
+
+
+@pytest.mark.parametrize(
+    ("flag", "bad", "message"),
+    [
+        ("--cert", "dir", "certificate file is a directory: {path}"),
+        ("--key", "dir", "key file is a directory: {path}"),
+        ("--ca", "dir", "CA certificate file is a directory: {path}"),
+        ("--cert", "fifo", "certificate file is not a regular file: {path}"),
+        ("--cert", "garbage", "cannot load certificate {path}: not a PEM certificate"),
+        ("--cert", "empty", "cannot load certificate {path}: not a PEM certificate"),
+        ("--cert", "key", "cannot load certificate {path}: not a PEM certificate"),
+        ("--key", "garbage", "cannot load key {path}: not a PEM private key"),
+        ("--key", "cert", "cannot load key {path}: not a PEM private key"),
+        ("--key", "other-key", "key {path} does not match certificate {cert}"),
+        ("--key", "encrypted", "cannot load key {path}: it is encrypted (give an unencrypted key)"),
+        ("--ca", "garbage", "cannot load CA certificate {path}: not a PEM certificate"),
+    ],
+)
+def test_unusable_certificate_files_get_a_clear_message(
+    cli: CLI, test_pki: TestPKI, bad_files: dict[str, Path], flag: str, bad: str, message: str
+) -> None:
+    path = {
+        "dir": Path("/tmp"),
+        "key": test_pki.key("admin-client"),
+        "cert": test_pki.cert("admin-client"),
+        "other-key": test_pki.key("viewer-client"),
+        **bad_files,
+    }[bad]
+    run = cli(flag, str(path), "list")  # a later flag wins
+    assert (run.code, run.out) == (3, b"")
+    expected = message.format(path=path, cert=test_pki.cert("admin-client"))
+    assert run.err == f"Error: {expected}\n"
 
 
 def test_usage_errors_are_exit_2_with_one_line(cli: CLI) -> None:
