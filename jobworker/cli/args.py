@@ -135,6 +135,8 @@ examples:
         """\
 The job's output goes to stdout as raw bytes; the banner and the final status
 go to stderr, so "jobworker stream 1 > out.log" captures only the job's output.
+With -o json, stdout gets one JSON object per chunk and line (JSON Lines):
+{"offset": N, "payload": "<base64>"}, N counting bytes from the job's first.
 With --follow=false (or --no-follow), print the output so far and exit: the
 whole output if the job has ended, otherwise what the server sends until it
 has been quiet for a moment.
@@ -194,7 +196,8 @@ def _add_output(parser: argparse.ArgumentParser, *, default: object) -> None:
         "--output",
         choices=OUTPUT_FORMATS,
         default=default,
-        help="output format (default text; stream always writes the job's raw bytes)",
+        help="output format (default text); json: one object (a list: an array); for stream,"
+        " one object per chunk and line, with its offset and base64 payload",
     )
 
 

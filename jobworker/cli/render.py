@@ -8,6 +8,7 @@ and paragraph separators; bidirectional overrides). JSON output is exact.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shlex
@@ -108,3 +109,9 @@ def as_json(value: Message | Sequence[Message]) -> str:
     if isinstance(value, Message):
         return json.dumps(as_dict(value), indent=2) + "\n"
     return json.dumps([as_dict(item) for item in value], indent=2) + "\n"
+
+
+def chunk_json(offset: int, payload: bytes) -> str:
+    """One line of ``stream -o json``: the chunk's offset in the job's output and its bytes
+    in base64 (output is bytes, not text): ``{"offset": 0, "payload": "aGkK"}``."""
+    return json.dumps({"offset": offset, "payload": base64.b64encode(payload).decode()}) + "\n"

@@ -7,6 +7,7 @@ channel is the independent witness for what the server actually got.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -352,6 +353,35 @@ def test_stream_stdout_is_the_jobs_bytes_exactly(cli: CLI, stub) -> None:
     assert run.code == 0, run.err
     assert len(run.out) == len(expected)
     assert run.out == expected
+
+
+@pytest.mark.parametrize("where", ["global", "command"])
+def test_stream_json_is_one_object_per_chunk_with_offset_and_base64(
+    cli: CLI, stub, where: str
+) -> None:
+    expected = bytes(range(256)) * 1024 + b"\n\x1b[31m end"  # > 64 KiB: several messages
+    code = (
+        "import sys\n"
+        "sys.stdout.buffer.write(bytes(range(256)) * 1024)\n"
+        "sys.stdout.buffer.write(b'\\n\\x1b[31m end')"
+    )
+    job_id = created_id(cli("create", *python_job(code)))
+    wait_ended(stub, job_id)
+    argv = ["-o", "json", "stream", job_id] if where == "global" else ["stream", job_id, "-o=json"]
+    run = cli(*argv)
+    assert run.code == 0, run.err
+    lines = run.out.split(b"\n")
+    assert lines[-1] == b""  # every object ends its line
+    chunks = [json.loads(line) for line in lines[:-1]]
+    assert len(chunks) >= len(expected) // (64 * 1024)
+    received = b""
+    for chunk in chunks:
+        assert list(chunk) == ["offset", "payload"]
+        assert chunk["offset"] == len(received)
+        payload = base64.b64decode(chunk["payload"], validate=True)
+        assert payload
+        received += payload
+    assert received == expected
 
 
 def test_stream_of_a_failed_job_exits_1_after_the_output(cli: CLI) -> None:
