@@ -33,6 +33,7 @@ EXIT_OK = 0
 EXIT_SERVER_ERROR = 1  # the server answered with an error (or a streamed job did not complete)
 EXIT_USAGE = 2
 EXIT_CONNECT = 3  # the server could not be reached, refused TLS, went away or did not answer
+EXIT_SHUTDOWN = 4  # the server is shutting down (gracefully): try again once it is back
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 TRUE_WORDS = frozenset({"1", "t", "true", "yes", "y", "on"})  # Go's ParseBool, plus yes/no
@@ -80,8 +81,10 @@ exit status:
   {EXIT_SERVER_ERROR}    the server reported an error (e.g. job not found, permission denied);
        for stream: the job ended other than COMPLETED
   {EXIT_USAGE}    usage error
-  {EXIT_CONNECT}    cannot connect: server unreachable, TLS failure, certificate refused or
-       missing, connection lost, or no answer within --timeout
+  {EXIT_CONNECT}    cannot connect: server unreachable, TLS failure, certificate refused,
+       missing or unusable, connection lost, or no answer within --timeout
+  {EXIT_SHUTDOWN}    the server is shutting down ("Error: server shutting down"): the call
+       or stream was cut short; try again once it is back
   {EXIT_INTERRUPTED}  interrupted (Ctrl+C)
   When stdout is closed early (e.g. "| head"), jobworker stops quietly with status 0."""
 

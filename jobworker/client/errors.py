@@ -37,6 +37,21 @@ class DeadlineExceeded(RpcError):
         self.timeout = timeout
 
 
+class ServerShuttingDown(RpcError):
+    """Raised when the server ends a call because it is going away: a status UNAVAILABLE
+    ``server shutting down``, UNAVAILABLE after the server announced a graceful close
+    (GOAWAY with NO_ERROR), or the connection ending after such a GOAWAY before the call
+    finished. The call may be retried once the server is back. Message: ``server shutting
+    down``; ``code_name`` is UNAVAILABLE, as grpc clients report it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("UNAVAILABLE", SHUTDOWN_MESSAGE)
+
+
+SHUTDOWN_MESSAGE = "server shutting down"  # the server's words for it, too
+
+
 class ConnectError(ClientError):
     """Raised by open_client when no usable connection could be set up.
 

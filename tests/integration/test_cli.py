@@ -469,6 +469,18 @@ def test_unreachable_server_is_exit_3(cli: CLI) -> None:
     assert run.err == f"Error: cannot connect to 127.0.0.1:{port}: connection refused\n"
 
 
+def test_no_answer_within_the_timeout_is_exit_3(cli: CLI) -> None:
+    # accepts TCP (the kernel completes it), never answers the TLS handshake
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        started = time.monotonic()
+        run = cli("--server", f"127.0.0.1:{port}", "--timeout", "0.5", "list")
+        elapsed = time.monotonic() - started
+    assert (run.code, run.out) == (3, b"")
+    assert run.err == f"Error: cannot connect to 127.0.0.1:{port}: no answer within 0.5 s\n"
+    assert elapsed < 5.0  # the timeout, not a hang (bounded loosely: a shared machine)
+
+
 def test_wrong_ca_is_exit_3_with_verify_failed(cli: CLI, test_pki: TestPKI, tmp_path: Path) -> None:
     (tmp_path / "ca.pem").write_bytes(pki.Authority.create("another").cert_pem)
     run = cli("--ca", str(tmp_path / "ca.pem"), "list")  # a later --ca wins
