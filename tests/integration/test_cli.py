@@ -666,3 +666,4 @@ def test_help_on_every_command_shows_the_spec_examples(
     if not argv:
         assert "exit status:" in run.text
         assert "3    cannot connect" in run.text
+        assert "4    the server is shutting down" in run.text
