@@ -471,7 +471,14 @@ class Connection:
 
     def _fail_from_transport(self, exc: BaseException | None) -> None:
         if self._is_up:
-            self._fail(ServerShuttingDown if self.closing_gracefully else ConnectionLost)
+            if not self.closing_gracefully:
+                self._fail(ConnectionLost)
+                return
+            # The calls a graceful close cut short were ended by a shutdown; a call made
+            # later (say after an idle close) just finds the connection closed.
+            for call in list(self._calls.values()):
+                call._fail(ServerShuttingDown)
+            self._fail(functools.partial(ConnectionLost, "the server closed the connection"))
             return
         error = tls_failure(
             self.address, exc or EOFError(), self._client_cert, after_handshake=True

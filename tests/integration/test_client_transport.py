@@ -780,3 +780,28 @@ async def test_malformed_response_is_an_internal_error_not_a_crash(test_pki: Tes
             "the server sent a malformed response",
         )
         assert (await client.list()) == []  # the connection survives it
+
+
+async def test_a_call_after_a_graceful_idle_close_finds_the_connection_closed(
+    test_pki: TestPKI,
+) -> None:
+    async with (
+        fake_server(test_pki, answer_get) as server,
+        client_for(test_pki, server.address) as client,
+    ):
+        await client.get("1")
+        connection = server.connections[0]
+        connection.h2.close_connection(last_stream_id=1)  # NO_ERROR, nothing in progress
+        await connection.flush()
+        await trio.aclose_forcefully(connection.stream)
+        with trio.fail_after(WAIT_S):
+            while True:
+                try:
+                    await client.get("2")
+                except ServerShuttingDown:  # raced the close: cut short by it, rightly
+                    await trio.sleep(0.01)
+                    continue
+                except ConnectionLost as exc:
+                    lost = exc
+                    break
+    assert str(lost) == "connection lost: the server closed the connection"
