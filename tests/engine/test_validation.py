@@ -30,6 +30,8 @@ from .helpers import wait_ended
 CPU_MAX = 100 * (os.cpu_count() or 1)
 CPU_RULE = f"maxCPU must be between 0 and {CPU_MAX} (percent of one core; 0: the default, 100)"
 LONGEST_ARG = "x" * (MAX_ARG_STRLEN - 1)  # its NUL makes the kernel's limit exactly
+# as many one-byte arguments as could fit by their pointers and NULs alone (but do not)
+MOST_ARGS = EXEC_ARGS_BUDGET // 9
 HOST_MB = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2**20
 
 
@@ -51,8 +53,13 @@ HOST_MB = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2**20
         ),
         (
             JobSpec("echo", ("x",) * 300_000),
+            "args exceed the kernel's limit for one exec (ARG_MAX): 300000 arguments take at"
+            f" least 9 bytes each, at most {EXEC_ARGS_BUDGET} in all",
+        ),
+        (
+            JobSpec("echo", ("x",) * MOST_ARGS),
             "args exceed the kernel's limit for one exec (ARG_MAX):"
-            f" {len('echo') + 1 + 300_000 * 2 + 8 * 300_002} bytes of"
+            f" {len('echo') + 1 + MOST_ARGS * 2 + 8 * (MOST_ARGS + 2)} bytes of"
             f" arguments, NULs and pointers, at most {EXEC_ARGS_BUDGET}",
         ),
         (JobSpec("true", max_iobps=-1), "maxIOBPS must not be negative, got -1"),
@@ -83,6 +90,7 @@ HOST_MB = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2**20
         "memory-above-host",
         "arg-too-long",
         "args-too-many",
+        "args-over-arg-max",
         "io-negative",
         "command-empty",
         "command-nul",
