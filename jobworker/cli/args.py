@@ -89,6 +89,10 @@ exit status:
   When stdout is closed early (e.g. "| head"), jobworker stops quietly with status 0."""
 
 MAIN_EPILOG = f"""\
+--server, --cert, --key, --ca, --timeout and -o may also follow the command
+(jobworker list --server=HOST:PORT); for create, only before the job's command:
+everything after it is the job's.
+
 environment:
   {ENV_SERVER}     server address (overridden by --server)
   {ENV_CERT_PATH}  directory holding {CERT_FILE}, {KEY_FILE}, {CA_FILE}
