@@ -8,6 +8,8 @@ python3 -m nox -s lint typecheck
 
 from __future__ import annotations
 
+import hashlib
+import subprocess
 from pathlib import Path
 
 import nox
@@ -43,11 +45,38 @@ def serve(session: nox.Session) -> None:
     )
 
 
+def _install_once(session: nox.Session) -> None:
+    """``pip install -e .`` unless this venv already has it from the same pyproject.toml.
+
+    The install is editable, so code changes are live without it; only a change of
+    pyproject.toml (dependencies, entry points) needs a new one. A recreated venv has no
+    stamp and installs again.
+    """
+    stamp = Path(session.virtualenv.location) / ".jobworker-installed"
+    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    script = Path(session.bin) / "jobworker"
+    if script.exists() and stamp.is_file() and stamp.read_text() == wanted:
+        return
+    session.install("-e", ".")
+    stamp.write_text(wanted)
+
+
 @nox.session(reuse_venv=True)
 def cli(session: nox.Session) -> None:
-    """Run the jobworker CLI with the arguments after `--` (dev certs from certs/)."""
-    session.install("-e", ".")
-    session.run("jobworker", *session.posargs)
+    """Run the jobworker CLI with the arguments after `--` (dev certs from certs/).
+
+    nox itself exits with the CLI's exit status (see `jobworker --help`), not just 1.
+    """
+    _install_once(session)
+    with subprocess.Popen([str(Path(session.bin) / "jobworker"), *session.posargs]) as proc:
+        while True:
+            try:
+                code = proc.wait()
+                break
+            except KeyboardInterrupt:  # Ctrl+C reached the CLI too: it ends itself (130)
+                continue
+    if code != 0:
+        raise SystemExit(code)  # not a session failure: nox would turn every status into 1
 
 
 @nox.session(reuse_venv=True)

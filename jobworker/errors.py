@@ -50,10 +50,23 @@ class InvalidJobSpec(JobWorkerError):
 
 
 class CommandNotFound(InvalidJobSpec):
-    """Raised when the command is not found: ``command not found in PATH: <command>``."""
+    """Raised when the command is not found: ``command not found in PATH: <command>`` for a
+    bare name, ``no such file: <path>`` for a path (a path is never searched in PATH)."""
 
     def __init__(self, command: str) -> None:
-        super().__init__(f"command not found in PATH: {echo(command)}")
+        if "/" in command:
+            super().__init__(f"no such file: {echo(command)}")
+        else:
+            super().__init__(f"command not found in PATH: {echo(command)}")
+        self.command = command
+
+
+class CommandPathRefused(InvalidJobSpec):
+    """Raised when a command path cannot be used as given: a relative path, or a path the
+    kernel cannot resolve (a symbolic link loop, a name too long). The message says which."""
+
+    def __init__(self, message: str, command: str) -> None:
+        super().__init__(message)
         self.command = command
 
 

@@ -3,7 +3,8 @@
 ``main(argv)`` returns the exit status (the console script passes it to
 sys.exit). Every failure is one line ``Error: <message>`` on stderr, never a
 traceback: 1 for errors the server reported, 2 for usage errors, 3 when the
-server cannot be reached (or stops answering), 130 on Ctrl+C.
+server cannot be reached (or stops answering), 4 when it is shutting down, 130 on
+Ctrl+C.
 """
 
 from __future__ import annotations
@@ -21,13 +22,21 @@ from jobworker.cli.args import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_SERVER_ERROR,
+    EXIT_SHUTDOWN,
     EXIT_USAGE,
     UsageError,
     parse,
     print_usage_error,
 )
 from jobworker.cli.commands import run
-from jobworker.client import ClientError, ConnectError, ConnectionLost, DeadlineExceeded
+from jobworker.cli.render import escape
+from jobworker.client import (
+    ClientError,
+    ConnectError,
+    ConnectionLost,
+    DeadlineExceeded,
+    ServerShuttingDown,
+)
 
 __all__ = ["main"]
 
@@ -49,6 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def exit_status(error: ClientError) -> int:
     """The exit status for a client error."""
+    if isinstance(error, ServerShuttingDown):
+        return EXIT_SHUTDOWN
     if isinstance(error, ConnectError | ConnectionLost | DeadlineExceeded):
         return EXIT_CONNECT
     return EXIT_SERVER_ERROR
@@ -78,8 +89,9 @@ def _report(exc: BaseException) -> int:
 
 
 def _error_line(message: str) -> None:
+    # The message may quote what a server or a job's creator sent: escaped, one line.
     with contextlib.suppress(Exception):
-        print("Error: " + " ".join(message.split()), file=sys.stderr, flush=True)
+        print("Error: " + escape(message.strip()), file=sys.stderr, flush=True)
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import NoReturn
 
 from jobworker import __version__
+from jobworker.cli.render import escape
 from jobworker.client.address import parse_server
+from jobworker.engine.spec import JOB_PATH, MAX_ARG_STRLEN
 
 DEFAULT_SERVER = "localhost:50051"  # the spec's default
 DEFAULT_CERTS_DIR = "certs"  # the spec's certs/client-cert.pem etc., relative to the cwd
@@ -31,6 +33,7 @@ EXIT_OK = 0
 EXIT_SERVER_ERROR = 1  # the server answered with an error (or a streamed job did not complete)
 EXIT_USAGE = 2
 EXIT_CONNECT = 3  # the server could not be reached, refused TLS, went away or did not answer
+EXIT_SHUTDOWN = 4  # the server is shutting down (gracefully): try again once it is back
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 TRUE_WORDS = frozenset({"1", "t", "true", "yes", "y", "on"})  # Go's ParseBool, plus yes/no
@@ -78,12 +81,18 @@ exit status:
   {EXIT_SERVER_ERROR}    the server reported an error (e.g. job not found, permission denied);
        for stream: the job ended other than COMPLETED
   {EXIT_USAGE}    usage error
-  {EXIT_CONNECT}    cannot connect: server unreachable, TLS failure, certificate refused or
-       missing, connection lost, or no answer within --timeout
+  {EXIT_CONNECT}    cannot connect: server unreachable, TLS failure, certificate refused,
+       missing or unusable, connection lost, or no answer within --timeout
+  {EXIT_SHUTDOWN}    the server is shutting down ("Error: server shutting down"): the call
+       or stream was cut short; try again once it is back
   {EXIT_INTERRUPTED}  interrupted (Ctrl+C)
   When stdout is closed early (e.g. "| head"), jobworker stops quietly with status 0."""
 
 MAIN_EPILOG = f"""\
+--server, --cert, --key, --ca, --timeout and -o may also follow the command
+(jobworker list --server=HOST:PORT); for create, only before the job's command:
+everything after it is the job's.
+
 environment:
   {ENV_SERVER}     server address (overridden by --server)
   {ENV_CERT_PATH}  directory holding {CERT_FILE}, {KEY_FILE}, {CA_FILE}
@@ -105,9 +114,17 @@ examples:
 COMMAND_HELP: dict[str, tuple[str, str]] = {
     "create": (
         "Create and start a new job.",
-        """\
+        f"""\
 Everything after <command> belongs to the job, options included.
 Use "--" before a command that starts with "-".
+
+A <command> without a slash is looked up in the job's PATH, not the server's
+(nor yours):
+  PATH={JOB_PATH}
+A <command> with a slash must be an absolute path: a job runs in a fresh work
+dir of its own, so "./x" is refused. Each argument may be at most
+{MAX_ARG_STRLEN - 1} bytes (the kernel's MAX_ARG_STRLEN), and all of them together must fit in the
+kernel's ARG_MAX for one exec.
 
 examples:
   jobworker create echo "hello world"
@@ -125,6 +142,8 @@ examples:
         """\
 The job's output goes to stdout as raw bytes; the banner and the final status
 go to stderr, so "jobworker stream 1 > out.log" captures only the job's output.
+With -o json, stdout gets one JSON object per chunk and line (JSON Lines):
+{"offset": N, "payload": "<base64>"}, N counting bytes from the job's first.
 With --follow=false (or --no-follow), print the output so far and exit: the
 whole output if the job has ended, otherwise what the server sends until it
 has been quiet for a moment.
@@ -184,7 +203,44 @@ def _add_output(parser: argparse.ArgumentParser, *, default: object) -> None:
         "--output",
         choices=OUTPUT_FORMATS,
         default=default,
-        help="output format (default text; stream always writes the job's raw bytes)",
+        help="output format (default text); json: one object (a list: an array); for stream,"
+        " one object per chunk and line, with its offset and base64 payload",
+    )
+
+
+def _add_connection_flags(
+    parser: argparse._ActionsContainer, *, timeout_default: object, default: object
+) -> None:
+    """The global flags. Every subcommand takes them too (as kubectl does); there they
+    default to SUPPRESS, so that only a flag actually given overrides the global one."""
+    parser.add_argument(
+        "--server",
+        type=_server_address,
+        default=default,
+        help=f'server address host:port (default "{DEFAULT_SERVER}", or ${ENV_SERVER})',
+    )
+    parser.add_argument(
+        "--cert",
+        default=default,
+        help=f'client certificate path (default "{DEFAULT_CERTS_DIR}/{CERT_FILE}")',
+    )
+    parser.add_argument(
+        "--key",
+        default=default,
+        help=f'client private key path (default "{DEFAULT_CERTS_DIR}/{KEY_FILE}")',
+    )
+    parser.add_argument(
+        "--ca",
+        default=default,
+        help=f'CA certificate path (default "{DEFAULT_CERTS_DIR}/{CA_FILE}")',
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=timeout_default,
+        metavar="SECONDS",
+        help="limit for connecting and for each call; streaming has none"
+        f" (default {DEFAULT_TIMEOUT_S:g})",
     )
 
 
@@ -195,28 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=MAIN_EPILOG,
         formatter_class=_formatter,
     )
-    parser.add_argument(
-        "--server",
-        type=_server_address,
-        help=f'server address host:port (default "{DEFAULT_SERVER}", or ${ENV_SERVER})',
-    )
-    parser.add_argument(
-        "--cert", help=f'client certificate path (default "{DEFAULT_CERTS_DIR}/{CERT_FILE}")'
-    )
-    parser.add_argument(
-        "--key", help=f'client private key path (default "{DEFAULT_CERTS_DIR}/{KEY_FILE}")'
-    )
-    parser.add_argument(
-        "--ca", help=f'CA certificate path (default "{DEFAULT_CERTS_DIR}/{CA_FILE}")'
-    )
-    parser.add_argument(
-        "--timeout",
-        type=_positive_seconds,
-        default=DEFAULT_TIMEOUT_S,
-        metavar="SECONDS",
-        help="limit for connecting and for each call; streaming has none"
-        f" (default {DEFAULT_TIMEOUT_S:g})",
-    )
+    _add_connection_flags(parser, timeout_default=DEFAULT_TIMEOUT_S, default=None)
     _add_output(parser, default=None)
     parser.add_argument("--version", action="version", version=f"jobworker {__version__}")
     commands = parser.add_subparsers(dest="name", metavar="<command>", required=True)
@@ -227,6 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
             name, help=summary, description=summary, epilog=epilog, formatter_class=_formatter
         )
         _add_output(sub, default=argparse.SUPPRESS)
+        global_flags = sub.add_argument_group("global options (also before the command)")
+        _add_connection_flags(
+            global_flags, timeout_default=argparse.SUPPRESS, default=argparse.SUPPRESS
+        )
         return sub
 
     create = command("create")
@@ -243,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"{what} (server default {default})",
         )
     create.add_argument(
-        "command", metavar="<command>", help="the command to run (looked up in the server's PATH)"
+        "command",
+        metavar="<command>",
+        help="the command to run: a name looked up in the job's PATH, or an absolute path",
     )
     create.add_argument(
         "args", metavar="[args...]", nargs=argparse.REMAINDER, help="its arguments, untouched"
@@ -273,9 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
 _GLOBAL_OPTIONS_WITH_VALUE = frozenset(
     {"--server", "--cert", "--key", "--ca", "--timeout", "-o", "--output"}
 )
-_CREATE_OPTIONS_WITH_VALUE = frozenset(
-    {"--max-cpu", "--max-memory", "--max-iobps", "-o", "--output"}
-)
+_CREATE_OPTIONS_WITH_VALUE = _GLOBAL_OPTIONS_WITH_VALUE | {
+    "--max-cpu",
+    "--max-memory",
+    "--max-iobps",
+}
 _END_OF_OPTIONS = "--"
 
 
@@ -346,7 +389,11 @@ def parse(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Comm
     try:
         ns = build_parser().parse_args(split.for_argparse)
     except UsageError as error:
-        error.command = error.command or split.command_name
+        # The main parser's own errors are about global flags or the command's name, which
+        # `jobworker --help` documents; stray words after a command are that command's.
+        stray = str(error).startswith("unrecognized arguments")
+        if error.command is None and stray and split.command_name in COMMAND_HELP:
+            error.command = split.command_name
         raise
     if ns.name == "create":
         if not ns.command:
@@ -383,4 +430,4 @@ def parse(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Comm
 def print_usage_error(error: UsageError) -> None:
     """One line on stderr: ``Error: <message> (see 'jobworker [<command>] --help')``."""
     where = f"jobworker {error.command} --help" if error.command else "jobworker --help"
-    print(f"Error: {error} (see '{where}')", file=sys.stderr)
+    print(f"Error: {escape(str(error))} (see '{where}')", file=sys.stderr)

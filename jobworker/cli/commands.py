@@ -61,25 +61,44 @@ async def run(command: Command, stdout: BinaryIO, stderr: TextIO) -> int:
     return EXIT_OK
 
 
+class OutputWriter:
+    """Writes the job's output to stdout as it comes, flushed per chunk: the raw bytes, or
+    (``-o json``) one JSON object per chunk and line, with its offset and base64 payload."""
+
+    def __init__(self, stdout: BinaryIO, *, json_lines: bool) -> None:
+        self._stdout = stdout
+        self._json_lines = json_lines
+        self.offset = 0  # the stream starts at the job's first byte
+
+    def write(self, chunk: bytes) -> None:
+        data = render.chunk_json(self.offset, chunk).encode() if self._json_lines else chunk
+        self.offset += len(chunk)
+        # A blocking write on purpose: stdout is the user's terminal or pipe, and a
+        # slow reader should slow the stream down (flow control does the rest).
+        self._stdout.write(data)
+        self._stdout.flush()
+
+
 async def stream(client: JobClient, command: Command, stdout: BinaryIO, stderr: TextIO) -> int:
-    """Copy the job's output to stdout as raw bytes, flushed per chunk.
+    """Copy the job's output to stdout (see OutputWriter), flushed per chunk.
 
     GetJob first (so an unknown id is one error line, without a banner), then
     the stream; at its end, GetJob again to report how the job ended: exit 1
     with the status on stderr if it did not complete.
     """
     job_id = command.job_id
+    writer = OutputWriter(stdout, json_lines=command.output == "json")
     before = await client.get(job_id)
     if command.follow:
-        stderr.write(f"Streaming logs for job {job_id} (Press Ctrl+C to exit):\n")
+        stderr.write(f"Streaming logs for job {render.escape(job_id)} (Press Ctrl+C to exit):\n")
         stderr.flush()
     async with client.stream(job_id) as output:
         if command.follow or before.status in render.ENDED_STATUSES:
             async for chunk in output:
-                _write(stdout, chunk)
+                writer.write(chunk)
         else:
             with trio.move_on_after(command.connection.timeout):  # a job that never pauses
-                await _copy_until_quiet(output, stdout)
+                await _copy_until_quiet(output, writer)
             if not output.ended:
                 return EXIT_OK  # still running: we printed the output so far
     after = await client.get(job_id)
@@ -87,15 +106,19 @@ async def stream(client: JobClient, command: Command, stdout: BinaryIO, stderr: 
         return EXIT_OK
     if after.status in render.ENDED_STATUSES:
         stderr.write(
-            f"Job {job_id} ended with status {after.status} (exit code {after.exitCode})\n"
+            f"Job {render.escape(job_id)} ended with status {render.escape(after.status)}"
+            f" (exit code {after.exitCode})\n"
         )
     else:
-        stderr.write(f"Job {job_id} has not ended: the stream stopped with status {after.status}\n")
+        stderr.write(
+            f"Job {render.escape(job_id)} has not ended: the stream stopped with status"
+            f" {render.escape(after.status)}\n"
+        )
     stderr.flush()
     return EXIT_SERVER_ERROR
 
 
-async def _copy_until_quiet(output: JobOutput, stdout: BinaryIO) -> None:
+async def _copy_until_quiet(output: JobOutput, writer: OutputWriter) -> None:
     """Copy chunks until the stream ends or none came for NO_FOLLOW_QUIET_S."""
     wait = NO_FOLLOW_FIRST_CHUNK_S
     while True:
@@ -106,12 +129,5 @@ async def _copy_until_quiet(output: JobOutput, stdout: BinaryIO) -> None:
                 return
         if quiet.cancelled_caught:
             return
-        _write(stdout, chunk)
+        writer.write(chunk)
         wait = NO_FOLLOW_QUIET_S
-
-
-def _write(stdout: BinaryIO, chunk: bytes) -> None:
-    # A blocking write on purpose: stdout is the user's terminal or pipe, and a
-    # slow reader should slow the stream down (flow control does the rest).
-    stdout.write(chunk)
-    stdout.flush()

@@ -1,8 +1,16 @@
-"""How results look: the spec's text blocks, or JSON with the proto field names."""
+"""How results look: the spec's text blocks, or JSON with the proto field names.
+
+Text output is for a terminal (or a pipe read by people): every field in it is escaped, so
+that nothing a job's creator or a server sends can start a line, move the cursor, change
+colours or reorder text (control characters C0, DEL and C1, hence every ESC sequence; line
+and paragraph separators; bidirectional overrides). JSON output is exact.
+"""
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 import shlex
 from collections.abc import Sequence
 
@@ -15,29 +23,57 @@ from jobworker.api import worker_pb2
 ENDED_STATUSES = frozenset({"COMPLETED", "FAILED", "STOPPED", "LOST"})
 
 
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+_NAMED = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    char = match.group()
+    if char in _NAMED:
+        return _NAMED[char]
+    code = ord(char)
+    # \xHH is a byte in bash's $'...': above ASCII, only \uHHHH means the character.
+    return f"\\x{code:02x}" if code < 0x80 else f"\\u{code:04x}"
+
+
+def escape(text: str) -> str:
+    """``text`` with every unsafe character written as a backslash escape (``\\n``,
+    ``\\x1b``, ``\\u202e``): one line, inert on any terminal."""
+    return _UNSAFE.sub(_escape_char, text)
+
+
+def shell_word(word: str) -> str:
+    """``word`` quoted for a POSIX shell; with unsafe characters, in bash's ``$'...'`` form,
+    which a shell turns back into exactly ``word``."""
+    if not _UNSAFE.search(word):
+        return shlex.quote(word)
+    return "$'" + escape(word.replace("\\", "\\\\").replace("'", "\\'")) + "'"
+
+
 def command_line(command: str, args: Sequence[str]) -> str:
-    """The job's command as a shell would need it typed: ``bash -c 'sleep 10 && echo done'``."""
-    return shlex.join([command, *args])
+    """The job's command as a shell would need it typed: ``bash -c 'sleep 10 && echo done'``,
+    ``echo $'\\x1b[31m'``."""
+    return " ".join(shell_word(word) for word in (command, *args))
 
 
 def created(job: worker_pb2.CreateJobRes) -> str:
     return (
         "Job created:\n"
-        f"ID: {job.id}\n"
+        f"ID: {escape(job.id)}\n"
         f"Command: {command_line(job.command, job.args)}\n"
-        f"Status: {job.status}\n"
-        f"StartTime: {job.startTime}\n"
+        f"Status: {escape(job.status)}\n"
+        f"StartTime: {escape(job.startTime)}\n"
     )
 
 
 def job_details(job: worker_pb2.GetJobRes) -> str:
     """The spec's "Id: ..." block, plus ExitCode once the job has ended."""
     text = (
-        f"Id: {job.id}\n"
+        f"Id: {escape(job.id)}\n"
         f"Command: {command_line(job.command, job.args)}\n"
-        f"Status: {job.status}\n"
-        f"Started At: {job.startTime}\n"
-        f"Ended At: {job.endTime}\n"
+        f"Status: {escape(job.status)}\n"
+        f"Started At: {escape(job.startTime)}\n"
+        f"Ended At: {escape(job.endTime)}\n"
         f"MaxCPU: {job.maxCPU}\n"
         f"MaxMemory: {job.maxMemory}\n"
         f"MaxIOBPS: {job.maxIOBPS}\n"
@@ -49,14 +85,14 @@ def job_details(job: worker_pb2.GetJobRes) -> str:
 
 def job_list(jobs: Sequence[worker_pb2.Job]) -> str:
     return "".join(
-        f"{job.id} {job.status} StartTime: {job.startTime}"
+        f"{escape(job.id)} {escape(job.status)} StartTime: {escape(job.startTime)}"
         f" Command: {command_line(job.command, job.args)}\n"
         for job in jobs
     )
 
 
 def stopped(result: worker_pb2.StopJobRes) -> str:
-    return f"Job stopped successfully:\nID: {result.id}\nStatus: {result.status}\n"
+    return f"Job stopped successfully:\nID: {escape(result.id)}\nStatus: {escape(result.status)}\n"
 
 
 def as_dict(message: Message) -> dict[str, object]:
@@ -73,3 +109,9 @@ def as_json(value: Message | Sequence[Message]) -> str:
     if isinstance(value, Message):
         return json.dumps(as_dict(value), indent=2) + "\n"
     return json.dumps([as_dict(item) for item in value], indent=2) + "\n"
+
+
+def chunk_json(offset: int, payload: bytes) -> str:
+    """One line of ``stream -o json``: the chunk's offset in the job's output and its bytes
+    in base64 (output is bytes, not text): ``{"offset": 0, "payload": "aGkK"}``."""
+    return json.dumps({"offset": offset, "payload": base64.b64encode(payload).decode()}) + "\n"

@@ -13,6 +13,7 @@ from jobworker.client.errors import (
     ConnectionLost,
     DeadlineExceeded,
     RpcError,
+    ServerShuttingDown,
 )
 from jobworker.client.jobs import (
     DEFAULT_CALL_TIMEOUT_S,
@@ -36,6 +37,7 @@ __all__ = [
     "JobOutput",
     "RpcError",
     "ServerAddress",
+    "ServerShuttingDown",
     "open_client",
     "parse_server",
 ]

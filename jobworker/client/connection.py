@@ -46,7 +46,14 @@ from purerpc.grpclib.exceptions import StreamClosedError
 from purerpc.grpclib.status import Status, StatusCode
 
 from jobworker.client.address import ServerAddress
-from jobworker.client.errors import ClientError, ConnectError, ConnectionLost, RpcError
+from jobworker.client.errors import (
+    SHUTDOWN_MESSAGE,
+    ClientError,
+    ConnectError,
+    ConnectionLost,
+    RpcError,
+    ServerShuttingDown,
+)
 from jobworker.client.tls import tls_failure
 from jobworker.wire.connection import WireConnection
 
@@ -217,9 +224,14 @@ class Call:
             if self._failure is not None:
                 raise self._failure()
             if self._status is not None:
-                if self._status.status_code == StatusCode.OK:
+                code, message = self._status.status_code, self._status.status_message
+                if code == StatusCode.OK:
                     return None
-                raise RpcError(self._status.status_code.name, self._status.status_message)
+                if code == StatusCode.UNAVAILABLE and (
+                    message == SHUTDOWN_MESSAGE or self._connection.closing_gracefully
+                ):
+                    raise ServerShuttingDown
+                raise RpcError(code.name, message)
             await self._changed.wait()
             self._changed = trio.Event()
 
@@ -287,6 +299,7 @@ class Connection:
         self._is_up = False
         self._failure: Callable[[], ClientError] | None = None
         self._goaway = False
+        self.closing_gracefully = False  # the server sent GOAWAY with NO_ERROR
         self._wake_writer = trio.Event()
         self._closing = False
         self.writer_done = trio.Event()
@@ -443,16 +456,29 @@ class Connection:
             call._window_opened()
 
     def _on_goaway(self, event: GoAway) -> None:
-        # Calls the server will still finish keep running; new calls are refused.
+        # Calls the server will still finish keep running; new calls are refused. NO_ERROR
+        # is a graceful close (a shutdown): the calls it ends may be retried later.
         self._goaway = True
-        gone = functools.partial(ConnectionLost, "the server closed the connection")
+        self.closing_gracefully = event.error_code == h2.errors.ErrorCodes.NO_ERROR
+        gone: Callable[[], ClientError] = (
+            ServerShuttingDown
+            if self.closing_gracefully
+            else functools.partial(ConnectionLost, "the server closed the connection")
+        )
         for stream_id, call in list(self._calls.items()):
             if stream_id > event.last_stream_id:
                 call._fail(gone)
 
     def _fail_from_transport(self, exc: BaseException | None) -> None:
         if self._is_up:
-            self._fail(ConnectionLost)
+            if not self.closing_gracefully:
+                self._fail(ConnectionLost)
+                return
+            # The calls a graceful close cut short were ended by a shutdown; a call made
+            # later (say after an idle close) just finds the connection closed.
+            for call in list(self._calls.values()):
+                call._fail(ServerShuttingDown)
+            self._fail(functools.partial(ConnectionLost, "the server closed the connection"))
             return
         error = tls_failure(
             self.address, exc or EOFError(), self._client_cert, after_handshake=True

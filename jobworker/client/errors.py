@@ -37,13 +37,30 @@ class DeadlineExceeded(RpcError):
         self.timeout = timeout
 
 
+class ServerShuttingDown(RpcError):
+    """Raised when the server ends a call because it is going away: a status UNAVAILABLE
+    ``server shutting down``, UNAVAILABLE after the server announced a graceful close
+    (GOAWAY with NO_ERROR), or the connection ending after such a GOAWAY before the call
+    finished. The call may be retried once the server is back. Message: ``server shutting
+    down``; ``code_name`` is UNAVAILABLE, as grpc clients report it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("UNAVAILABLE", SHUTDOWN_MESSAGE)
+
+
+SHUTDOWN_MESSAGE = "server shutting down"  # the server's words for it, too
+
+
 class ConnectError(ClientError):
     """Raised by open_client when no usable connection could be set up.
 
     Messages say which step failed: ``cannot connect to host:port: ...``,
     ``certificate verify failed: ...`` (the server's certificate),
     ``TLS handshake refused by server: ...`` (our certificate),
-    ``missing certificate file at PATH``.
+    ``missing certificate file at PATH``, ``certificate file is a directory: PATH``,
+    ``cannot load certificate PATH: not a PEM certificate``, ``cannot load key PATH: ...``,
+    ``key PATH does not match certificate PATH``.
     """
 
 

@@ -10,6 +10,7 @@ import contextlib
 import os
 import socket
 import ssl
+import stat
 from pathlib import Path
 
 import trio
@@ -29,26 +30,71 @@ TCP_KEEPCNT = 3
 def client_ssl_context(cert: str | Path, key: str | Path, ca: str | Path) -> ssl.SSLContext:
     """A TLS 1.3 client context presenting cert/key and trusting only the CA in ``ca``.
 
-    Raises ConnectError("missing certificate file at PATH") for an absent file
-    and ConnectError for an unreadable or malformed one.
+    Raises ConnectError naming the file and what is wrong with it: ``missing certificate
+    file at PATH``, ``certificate file is a directory: PATH``, ``cannot load certificate
+    PATH: not a PEM certificate``, ``key PATH does not match certificate PATH``, ... Never
+    prompts for a pass phrase and never opens anything but a regular file.
     """
-    for path in (cert, key, ca):
-        if not Path(path).is_file():
-            raise ConnectError(f"missing certificate file at {path}")
+    for what, path in (("certificate", cert), ("key", key), ("CA certificate", ca)):
+        _check_file(what, path)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the server and its hostname
     context.minimum_version = ssl.TLSVersion.TLSv1_3  # the spec: gRPC over TLS 1.3
     try:
         context.load_verify_locations(cafile=str(ca))
-    except (ssl.SSLError, OSError) as exc:
-        raise ConnectError(f"cannot load CA certificate {ca}: {describe_ssl_error(exc)}") from None
+    except ssl.SSLError:
+        raise ConnectError(f"cannot load CA certificate {ca}: {NOT_PEM_CERTIFICATE}") from None
+    except OSError as exc:
+        raise ConnectError(f"cannot load CA certificate {ca}: {describe_os_error(exc)}") from None
     try:
-        context.load_cert_chain(str(cert), str(key))
-    except (ssl.SSLError, OSError) as exc:
+        context.load_cert_chain(str(cert), str(key), password=_refuse_pass_phrase)
+    except _EncryptedKey:
         raise ConnectError(
-            f"cannot load client certificate {cert} with key {key}: {describe_ssl_error(exc)}"
+            f"cannot load key {key}: it is encrypted (give an unencrypted key)"
         ) from None
+    except ssl.SSLError as exc:
+        raise _chain_failure(cert, key, exc) from None
+    except OSError as exc:
+        raise ConnectError(f"cannot load certificate {cert}: {describe_os_error(exc)}") from None
     context.set_alpn_protocols([ALPN_H2])
     return context
+
+
+NOT_PEM_CERTIFICATE = "not a PEM certificate"
+
+
+class _EncryptedKey(Exception):
+    """Raised by the pass-phrase callback: OpenSSL would otherwise prompt on the terminal."""
+
+
+def _refuse_pass_phrase() -> str:
+    raise _EncryptedKey
+
+
+def _check_file(what: str, path: str | Path) -> None:
+    """A regular file must be there (a FIFO or a device would block or never end)."""
+    try:
+        info = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise ConnectError(f"missing certificate file at {path}") from None
+    except OSError as exc:
+        raise ConnectError(f"cannot read {what} file {path}: {describe_os_error(exc)}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ConnectError(f"{what} file is a directory: {path}")
+    if not stat.S_ISREG(info.st_mode):
+        raise ConnectError(f"{what} file is not a regular file: {path}")
+
+
+def _chain_failure(cert: str | Path, key: str | Path, exc: ssl.SSLError) -> ConnectError:
+    """Which of the two files OpenSSL refused: its "PEM lib" error does not say."""
+    if exc.reason == "KEY_VALUES_MISMATCH":
+        return ConnectError(f"key {key} does not match certificate {cert}")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=str(cert))
+    except ssl.SSLError:
+        return ConnectError(f"cannot load certificate {cert}: {NOT_PEM_CERTIFICATE}")
+    except OSError as error:
+        return ConnectError(f"cannot load certificate {cert}: {describe_os_error(error)}")
+    return ConnectError(f"cannot load key {key}: not a PEM private key")
 
 
 async def open_tls_stream(
@@ -132,6 +178,8 @@ def describe_ssl_error(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLError) and isinstance(reason, str) and reason:
         text = reason.split("ALERT_", 1)[-1].lower().replace("_", " ")
         return " ".join("CA" if word == "ca" else word for word in text.split())
+    if isinstance(exc, ssl.SSLError):  # no reason: its errno is OpenSSL's, not the OS's
+        return f"TLS library error ({exc.library or 'unknown'})"
     if isinstance(exc, OSError):
         return describe_os_error(exc)
     return type(exc).__name__

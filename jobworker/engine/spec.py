@@ -6,9 +6,12 @@ InvalidJobSpec subclass whose message is written for the client.
 
 from __future__ import annotations
 
+import errno
 import os
 import pwd
 import stat
+import struct
+from collections.abc import Sequence
 
 from jobworker.engine.model import (
     DEFAULT_CPU_PERCENT,
@@ -18,13 +21,22 @@ from jobworker.engine.model import (
     JobSpec,
     Limits,
 )
-from jobworker.errors import CommandNotExecutable, CommandNotFound, InvalidJobSpec
+from jobworker.errors import (
+    CommandNotExecutable,
+    CommandNotFound,
+    CommandPathRefused,
+    InvalidJobSpec,
+    echo,
+)
 
 __all__ = [
+    "EXEC_ARGS_BUDGET",
     "JOB_PATH",
     "MAX_ARGS_BYTES",
+    "MAX_ARG_STRLEN",
     "MAX_COMMAND_BYTES",
     "MIN_MEMORY_MB",
+    "host_memory_mb",
     "job_environment",
     "resolve_command",
     "validate_spec",
@@ -36,11 +48,34 @@ JOB_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 JOB_LANG = "C.UTF-8"  # a UTF-8 locale that exists everywhere
 # Below this not even a shell starts under a hard memory limit: refuse rather than OOM at once.
 MIN_MEMORY_MB = 4
-# Linux allows ~2 MiB of argv+environment per exec; 1 MiB of arguments leaves room and is
-# far beyond any sane job, while bounding what one request can make us hold and store.
+# Our own bound on what one request can make us hold and store: far beyond any sane job.
 MAX_ARGS_BYTES = 1 << 20
 # Linux's PATH_MAX: no longer command can be executed (and errors echo the command).
 MAX_COMMAND_BYTES = 4096
+
+# What execve accepts, checked here so that a job the kernel would refuse never gets an id.
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+POINTER_BYTES = struct.calcsize("P")
+# The kernel refuses (E2BIG) any one argument longer than 32 pages, its NUL included.
+MAX_ARG_STRLEN = 32 * PAGE_SIZE
+# The room for argv and envp together (strings, NULs and pointers) is a quarter of the stack
+# rlimit, which glibc reports as ARG_MAX; the kernel caps it at 3/4 of its 8 MiB stack default
+# (glibc does not, for an unlimited stack).
+KERNEL_ARG_MAX_CAP = 6 << 20
+# What the launch takes from that room besides the job's arguments: the environment, the shim
+# (its script names one cgroup.procs file per hierarchy) and the directory that PATH lookup
+# puts in front of the command. Generous: a refusal here is clear, an E2BIG at exec is not.
+LAUNCH_RESERVE_BYTES = 32 << 10
+EXEC_ARGS_BUDGET = min(os.sysconf("SC_ARG_MAX"), KERNEL_ARG_MAX_CAP) - LAUNCH_RESERVE_BYTES
+RELATIVE_REFUSED = (
+    "relative command paths are not allowed: {command} (give an absolute path,"
+    " or a bare name to look up in the job's PATH)"
+)
+
+
+def host_memory_mb() -> int:
+    """The host's physical memory in MB (MemTotal): no job can use more, so none may ask."""
+    return os.sysconf("SC_PHYS_PAGES") * PAGE_SIZE // (1 << 20)
 
 
 def validate_spec(spec: JobSpec, *, pids_max: int = DEFAULT_PIDS_MAX) -> Limits:
@@ -49,11 +84,16 @@ def validate_spec(spec: JobSpec, *, pids_max: int = DEFAULT_PIDS_MAX) -> Limits:
     max_cpu_percent = 100 * cpu_count
     if spec.max_cpu < 0 or spec.max_cpu > max_cpu_percent:
         raise InvalidJobSpec(
-            f"maxCPU must be between 1 and {max_cpu_percent} (percent of one core), "
-            f"got {spec.max_cpu}"
+            f"maxCPU must be between 0 and {max_cpu_percent} (percent of one core;"
+            f" 0: the default, {DEFAULT_CPU_PERCENT}), got {spec.max_cpu}"
         )
     if spec.max_memory < 0:
         raise InvalidJobSpec(f"maxMemory must not be negative, got {spec.max_memory}")
+    host_mb = host_memory_mb()
+    if spec.max_memory > host_mb:
+        raise InvalidJobSpec(
+            f"maxMemory must be at most the host's memory ({host_mb} MB), got {spec.max_memory}"
+        )
     if spec.max_iobps < 0:
         raise InvalidJobSpec(f"maxIOBPS must not be negative, got {spec.max_iobps}")
     memory_mb = spec.max_memory or DEFAULT_MEMORY_MB
@@ -63,16 +103,6 @@ def validate_spec(spec: JobSpec, *, pids_max: int = DEFAULT_PIDS_MAX) -> Limits:
         raise InvalidJobSpec("command must not be empty")
     if "\0" in spec.command:
         raise InvalidJobSpec("command must not contain NUL bytes")
-    total = 0
-    for position, arg in enumerate(spec.args, start=1):
-        if "\0" in arg:
-            raise InvalidJobSpec(f"args must not contain NUL bytes (argument {position})")
-        try:
-            total += len(os.fsencode(arg))
-        except UnicodeEncodeError:
-            raise InvalidJobSpec(f"args must be valid text (argument {position})") from None
-    if total > MAX_ARGS_BYTES:
-        raise InvalidJobSpec(f"args must total at most 1 MiB, got {total} bytes")
     try:
         command_bytes = len(os.fsencode(spec.command))
     except UnicodeEncodeError:
@@ -80,6 +110,15 @@ def validate_spec(spec: JobSpec, *, pids_max: int = DEFAULT_PIDS_MAX) -> Limits:
     if command_bytes > MAX_COMMAND_BYTES:
         raise InvalidJobSpec(
             f"command must be at most {MAX_COMMAND_BYTES} bytes, got {command_bytes}"
+        )
+    total = _check_args(spec.args)
+    # argv as execve sees it: each string with its NUL, one pointer per string and the NULL.
+    argc = 1 + len(spec.args)
+    exec_bytes = command_bytes + total + argc + POINTER_BYTES * (argc + 1)
+    if exec_bytes > EXEC_ARGS_BUDGET:
+        raise InvalidJobSpec(
+            f"args exceed the kernel's limit for one exec (ARG_MAX): {exec_bytes} bytes of"
+            f" arguments, NULs and pointers, at most {EXEC_ARGS_BUDGET}"
         )
     return Limits(
         cpu_percent=spec.max_cpu or DEFAULT_CPU_PERCENT,
@@ -89,12 +128,67 @@ def validate_spec(spec: JobSpec, *, pids_max: int = DEFAULT_PIDS_MAX) -> Limits:
     )
 
 
-def _check_executable(path: str) -> str | None:
-    """None if ``path`` can be executed, else why not (for the client message)."""
+def _check_args(args: Sequence[str]) -> int:
+    """The arguments' total size in bytes, once each is known to be valid text without NUL
+    and within MAX_ARG_STRLEN. Runs on the event loop: whole-sequence operations (join,
+    one encode) so that a request of a million arguments costs milliseconds, with a
+    per-argument pass only to name the one at fault."""
+    # Each argument takes at least its NUL and its pointer: too many fail before any work.
+    if len(args) * (POINTER_BYTES + 1) > EXEC_ARGS_BUDGET:
+        raise InvalidJobSpec(
+            f"args exceed the kernel's limit for one exec (ARG_MAX): {len(args)} arguments"
+            f" take at least {POINTER_BYTES + 1} bytes each, at most {EXEC_ARGS_BUDGET} in all"
+        )
+    joined = "\0".join(args)
+    separators = max(len(args) - 1, 0)
+    if joined.count("\0") != separators:
+        position = next(n for n, arg in enumerate(args, start=1) if "\0" in arg)
+        raise InvalidJobSpec(f"args must not contain NUL bytes (argument {position})")
+    try:
+        total = len(os.fsencode(joined)) - separators
+    except UnicodeEncodeError:
+        position = next(n for n, arg in enumerate(args, start=1) if not _encodes(arg))
+        raise InvalidJobSpec(f"args must be valid text (argument {position})") from None
+    # A character is at most 4 bytes of UTF-8: only arguments that long need measuring.
+    if max(map(len, args), default=0) * 4 + 1 > MAX_ARG_STRLEN:
+        for position, arg in enumerate(args, start=1):
+            size = len(os.fsencode(arg))
+            if size + 1 > MAX_ARG_STRLEN:
+                raise InvalidJobSpec(
+                    f"argument {position} is longer than the kernel allows for one argument"
+                    f" (MAX_ARG_STRLEN: {MAX_ARG_STRLEN - 1} bytes), got {size} bytes"
+                )
+    if total > MAX_ARGS_BYTES:
+        raise InvalidJobSpec(f"args must total at most 1 MiB, got {total} bytes")
+    return total
+
+
+def _encodes(text: str) -> bool:
+    try:
+        os.fsencode(text)
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+NOT_FOUND = "not found"
+
+
+def _why_not_executable(path: str) -> str | None:
+    """None if ``path`` can be executed, NOT_FOUND if nothing is there, else why not.
+
+    Raises CommandPathRefused when the kernel cannot resolve the path at all (a symbolic
+    link loop, a name too long): execvp stops its search there too.
+    """
     try:
         info = os.stat(path)
-    except OSError:
-        return "not found"
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return NOT_FOUND
+        if exc.errno == errno.EACCES:
+            return "permission denied"
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise CommandPathRefused(f"{why[:1].lower()}{why[1:]}: {echo(path)}", path) from None
     if stat.S_ISDIR(info.st_mode):
         return "is a directory"
     if not stat.S_ISREG(info.st_mode) or not os.access(path, os.X_OK):
@@ -104,26 +198,29 @@ def _check_executable(path: str) -> str | None:
 
 def resolve_command(command: str, search_path: str = JOB_PATH) -> str:
     """The absolute path to execute for ``command``, resolved like execvp would with the
-    job's PATH (not the server's). A command containing a slash is used as given
-    (relative to the server's working directory). Blocking (stat calls): run in a thread.
+    job's PATH (not the server's). A command containing a slash is never searched: it must
+    be absolute, since a job runs in a fresh work dir of its own where a relative path could
+    name nothing the client knows. Blocking (stat calls): run in a thread.
 
-    Raises CommandNotFound, or CommandNotExecutable when the only matches cannot be run.
+    Raises CommandNotFound, CommandNotExecutable when the only matches cannot be run, or
+    CommandPathRefused (a relative path, a symbolic link loop).
     """
     if "/" in command:
-        path = os.path.abspath(command)
-        why = _check_executable(path)
-        if why == "not found":
+        if not command.startswith("/"):
+            raise CommandPathRefused(RELATIVE_REFUSED.format(command=echo(command)), command)
+        why = _why_not_executable(command)
+        if why == NOT_FOUND:
             raise CommandNotFound(command)
         if why is not None:
             raise CommandNotExecutable(command, why)
-        return path
+        return command  # as given: the kernel resolves "..", symbolic links and all
     refused: tuple[str, str] | None = None
     for directory in search_path.split(":"):
         candidate = os.path.join(directory or ".", command)
-        why = _check_executable(candidate)
+        why = _why_not_executable(candidate)
         if why is None:
             return os.path.abspath(candidate)
-        if why != "not found" and refused is None:
+        if why != NOT_FOUND and refused is None:
             refused = (candidate, why)  # execvp: remember EACCES, keep searching
     if refused is not None:
         raise CommandNotExecutable(*refused)

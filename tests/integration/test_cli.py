@@ -7,7 +7,9 @@ channel is the independent witness for what the server actually got.
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import re
 import shlex
 import shutil
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from jobworker import pki
 from jobworker.api import worker_pb2, worker_pb2_grpc
@@ -237,6 +240,38 @@ def test_stop_prints_the_spec_block_then_refuses_a_second_stop(cli: CLI) -> None
     assert again.err == f"Error: job is not running: {job_id} (current status: STOPPED)\n"
 
 
+HOSTILE_ARGS = ["\n2 COMPLETED StartTime: x Command: echo harmless\n", "\x1b[31m"]
+HOSTILE_ESCAPED = "$'\\n2 COMPLETED StartTime: x Command: echo harmless\\n' $'\\x1b[31m'"
+
+
+def test_control_characters_show_as_one_escaped_row_in_list_and_get(cli: CLI, stub) -> None:
+    run = cli("create", "echo", *HOSTILE_ARGS)
+    assert run.code == 0, run.err
+    assert b"\x1b" not in run.out
+    job_id = created_id(run)
+    job = wait_ended(stub, job_id)
+    listed = cli("list")
+    assert listed.code == 0, listed.err
+    assert b"\x1b" not in listed.out
+    lines = listed.text.splitlines()
+    assert len(lines) == len(stub.GetJobs(worker_pb2.EmptyRequest()).jobs)
+    assert [line for line in lines if "harmless" in line] == [
+        f"{job_id} COMPLETED StartTime: {job.startTime} Command: echo {HOSTILE_ESCAPED}"
+    ]
+    got = cli("get", job_id)
+    assert b"\x1b" not in got.out
+    assert f"\nCommand: echo {HOSTILE_ESCAPED}\nStatus: COMPLETED\n" in got.text
+    assert len(got.text.splitlines()) == 9
+    # JSON stays exact: the arguments as the job got them
+    assert json.loads(cli("get", job_id, "-o", "json").out)["args"] == HOSTILE_ARGS
+
+
+def test_error_messages_are_escaped_too(cli: CLI) -> None:
+    run = cli("create", "no-such-\x1b[31m-tool\n2")
+    assert (run.code, run.out) == (1, b"")
+    assert run.err == "Error: command not found in PATH: no-such-\\x1b[31m-tool\\n2\n"
+
+
 # -- JSON ------------------------------------------------------------------------------------
 
 JOB_FIELDS = [
@@ -318,6 +353,35 @@ def test_stream_stdout_is_the_jobs_bytes_exactly(cli: CLI, stub) -> None:
     assert run.code == 0, run.err
     assert len(run.out) == len(expected)
     assert run.out == expected
+
+
+@pytest.mark.parametrize("where", ["global", "command"])
+def test_stream_json_is_one_object_per_chunk_with_offset_and_base64(
+    cli: CLI, stub, where: str
+) -> None:
+    expected = bytes(range(256)) * 1024 + b"\n\x1b[31m end"  # > 64 KiB: several messages
+    code = (
+        "import sys\n"
+        "sys.stdout.buffer.write(bytes(range(256)) * 1024)\n"
+        "sys.stdout.buffer.write(b'\\n\\x1b[31m end')"
+    )
+    job_id = created_id(cli("create", *python_job(code)))
+    wait_ended(stub, job_id)
+    argv = ["-o", "json", "stream", job_id] if where == "global" else ["stream", job_id, "-o=json"]
+    run = cli(*argv)
+    assert run.code == 0, run.err
+    lines = run.out.split(b"\n")
+    assert lines[-1] == b""  # every object ends its line
+    chunks = [json.loads(line) for line in lines[:-1]]
+    assert len(chunks) >= len(expected) // (64 * 1024)
+    received = b""
+    for chunk in chunks:
+        assert list(chunk) == ["offset", "payload"]
+        assert chunk["offset"] == len(received)
+        payload = base64.b64decode(chunk["payload"], validate=True)
+        assert payload
+        received += payload
+    assert received == expected
 
 
 def test_stream_of_a_failed_job_exits_1_after_the_output(cli: CLI) -> None:
@@ -405,6 +469,18 @@ def test_unreachable_server_is_exit_3(cli: CLI) -> None:
     assert run.err == f"Error: cannot connect to 127.0.0.1:{port}: connection refused\n"
 
 
+def test_no_answer_within_the_timeout_is_exit_3(cli: CLI) -> None:
+    # accepts TCP (the kernel completes it), never answers the TLS handshake
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        started = time.monotonic()
+        run = cli("--server", f"127.0.0.1:{port}", "--timeout", "0.5", "list")
+        elapsed = time.monotonic() - started
+    assert (run.code, run.out) == (3, b"")
+    assert run.err == f"Error: cannot connect to 127.0.0.1:{port}: no answer within 0.5 s\n"
+    assert elapsed < 5.0  # the timeout, not a hang (bounded loosely: a shared machine)
+
+
 def test_wrong_ca_is_exit_3_with_verify_failed(cli: CLI, test_pki: TestPKI, tmp_path: Path) -> None:
     (tmp_path / "ca.pem").write_bytes(pki.Authority.create("another").cert_pem)
     run = cli("--ca", str(tmp_path / "ca.pem"), "list")  # a later --ca wins
@@ -428,6 +504,60 @@ def test_missing_certificate_file(cli: CLI, tmp_path: Path) -> None:
     run = cli("--cert", str(missing), "list")
     assert (run.code, run.out) == (3, b"")
     assert run.err == f"Error: missing certificate file at {missing}\n"
+
+
+@pytest.fixture
+def bad_files(test_pki: TestPKI, tmp_path: Path) -> dict[str, Path]:
+    """Files that are not what --cert/--key/--ca need, each in its own way."""
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_bytes(b"this is not a certificate\n")
+    empty = tmp_path / "empty.pem"
+    empty.write_bytes(b"")
+    fifo = tmp_path / "fifo.pem"
+    os.mkfifo(fifo)  # opening it would block: it must be refused before
+    encrypted = tmp_path / "encrypted-key.pem"
+    key = serialization.load_pem_private_key(test_pki.key("admin-client").read_bytes(), None)
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    return {"garbage": garbage, "empty": empty, "fifo": fifo, "encrypted": encrypted}
+
+
+@pytest.mark.parametrize(
+    ("flag", "bad", "message"),
+    [
+        ("--cert", "dir", "certificate file is a directory: {path}"),
+        ("--key", "dir", "key file is a directory: {path}"),
+        ("--ca", "dir", "CA certificate file is a directory: {path}"),
+        ("--cert", "fifo", "certificate file is not a regular file: {path}"),
+        ("--cert", "garbage", "cannot load certificate {path}: not a PEM certificate"),
+        ("--cert", "empty", "cannot load certificate {path}: not a PEM certificate"),
+        ("--cert", "key", "cannot load certificate {path}: not a PEM certificate"),
+        ("--key", "garbage", "cannot load key {path}: not a PEM private key"),
+        ("--key", "cert", "cannot load key {path}: not a PEM private key"),
+        ("--key", "other-key", "key {path} does not match certificate {cert}"),
+        ("--key", "encrypted", "cannot load key {path}: it is encrypted (give an unencrypted key)"),
+        ("--ca", "garbage", "cannot load CA certificate {path}: not a PEM certificate"),
+    ],
+)
+def test_unusable_certificate_files_get_a_clear_message(
+    cli: CLI, test_pki: TestPKI, bad_files: dict[str, Path], flag: str, bad: str, message: str
+) -> None:
+    path = {
+        "dir": Path("/tmp"),
+        "key": test_pki.key("admin-client"),
+        "cert": test_pki.cert("admin-client"),
+        "other-key": test_pki.key("viewer-client"),
+        **bad_files,
+    }[bad]
+    run = cli(flag, str(path), "list")  # a later flag wins
+    assert (run.code, run.out) == (3, b"")
+    expected = message.format(path=path, cert=test_pki.cert("admin-client"))
+    assert run.err == f"Error: {expected}\n"
 
 
 def test_usage_errors_are_exit_2_with_one_line(cli: CLI) -> None:
@@ -536,3 +666,4 @@ def test_help_on_every_command_shows_the_spec_examples(
     if not argv:
         assert "exit status:" in run.text
         assert "3    cannot connect" in run.text
+        assert "4    the server is shutting down" in run.text

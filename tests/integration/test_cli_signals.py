@@ -179,6 +179,28 @@ def test_server_killed_mid_stream_ends_the_cli_with_connection_lost(
                 os.killpg(job_pid, signal.SIGKILL)
 
 
+def test_graceful_server_shutdown_mid_stream_is_exit_4_server_shutting_down(
+    test_pki: TestPKI, server_factory: ServerFactory
+) -> None:
+    with server_factory("--cgroups", "off") as server:
+        channel, stub = stub_for(test_pki, server.address)
+        with channel:
+            job = stub.CreateJob(
+                worker_pb2.CreateJobReq(command="python3", args=["-c", PRINT_THEN_SLEEP])
+            )
+        with cli_process(cli_command(test_pki, server.address, "stream", job.id)) as proc:
+            assert proc.stdout is not None
+            assert proc.stderr is not None
+            read_until(proc.stdout, b"started\n")
+            assert server.stop() == 0  # SIGTERM: a graceful shutdown
+            code, _ = wait_exit(proc, WAIT_S)
+            stderr = proc.stderr.read().decode()
+    assert code == 4, stderr
+    assert stderr == (
+        f"Streaming logs for job {job.id} (Press Ctrl+C to exit):\nError: server shutting down\n"
+    )
+
+
 def test_closed_stdout_ends_the_stream_quietly(test_pki: TestPKI, plain_server: ServerProc) -> None:
     channel, stub = stub_for(test_pki, plain_server.address)
     endless = "import sys\nwhile True:\n    sys.stdout.write('y' * 8191 + '\\n')"

@@ -27,12 +27,14 @@ import trio
 
 from jobworker import pki
 from jobworker.api import worker_pb2
+from jobworker.cli import main as cli_main
 from jobworker.client import (
     ConnectError,
     ConnectionLost,
     DeadlineExceeded,
     JobClient,
     RpcError,
+    ServerShuttingDown,
     open_client,
 )
 
@@ -285,6 +287,24 @@ async def test_error_status_becomes_rpc_error_with_the_servers_words(test_pki: T
         assert str(caught.value) == "job not found: 999"
         # The connection is still good after an error status.
         assert (await client.get("1")).id == "1"
+
+
+async def test_cli_exits_3_when_a_call_gets_no_answer_within_the_timeout(
+    test_pki: TestPKI, capfd: pytest.CaptureFixture[str]
+) -> None:
+    async with fake_server(test_pki, never_answer) as server:
+        argv = [
+            *("--server", server.address, "--timeout", "0.5"),
+            *("--cert", str(test_pki.cert("admin-client"))),
+            *("--key", str(test_pki.key("admin-client"))),
+            *("--ca", str(test_pki.ca_cert), "get", "1"),
+        ]
+        code = await trio.to_thread.run_sync(cli_main, argv)  # the CLI runs its own trio.run
+        await wait_for(server.calls[0].reset, "RST_STREAM")
+    out, err = capfd.readouterr()
+    assert (code, out) == (3, "")
+    assert err == "Error: deadline exceeded: no answer within 0.5 s\n"
+    assert server.calls[0].headers["grpc-timeout"] == "500000u"
 
 
 async def test_unary_deadline_resets_the_stream(test_pki: TestPKI) -> None:
@@ -663,7 +683,7 @@ async def test_goaway_refuses_new_calls_and_fails_calls_it_did_not_take(
             with contextlib.suppress(DeadlineExceeded):
                 try:
                     await client.get(job_id)
-                except ConnectionLost as exc:
+                except (ConnectionLost, ServerShuttingDown) as exc:
                     failures.append(f"{job_id}: {exc}")
 
         with trio.fail_after(WAIT_S):
@@ -675,10 +695,63 @@ async def test_goaway_refuses_new_calls_and_fails_calls_it_did_not_take(
                 with trio.fail_after(WAIT_S):
                     while not failures:
                         await trio.sleep(0.01)
-                assert failures == ["second: connection lost: the server closed the connection"]
+                assert failures == ["second: server shutting down"]
                 with pytest.raises(ConnectionLost):
                     await client.get("third")
                 nursery.cancel_scope.cancel()
+
+
+async def stream_then(conn: FakeConnection, call: ServerCall, ending: str) -> None:
+    """Two chunks, then the server goes away the way ``ending`` says."""
+    conn.h2.send_headers(call.stream_id, [(":status", "200"), ("content-type", "application/grpc")])
+    for n in range(2):
+        chunk = worker_pb2.DataChunk(payload=b"%d" % n).SerializeToString()
+        await conn.send_data(call, grpc_frame(chunk))
+    if ending == "unavailable":  # what our server sends each stream when it shuts down
+        await conn.end(call, 14, "server shutting down")
+        return
+    code = (
+        h2.errors.ErrorCodes.NO_ERROR
+        if ending == "graceful"
+        else h2.errors.ErrorCodes.INTERNAL_ERROR
+    )
+    conn.h2.close_connection(error_code=code, last_stream_id=call.stream_id)  # still "taken"
+    await conn.flush()
+    await trio.aclose_forcefully(conn.stream)  # ...and the connection ends before its status
+
+
+@pytest.mark.parametrize(
+    ("ending", "error", "message"),
+    [
+        ("unavailable", ServerShuttingDown, "server shutting down"),
+        ("graceful", ServerShuttingDown, "server shutting down"),
+        ("error", ConnectionLost, "connection lost"),
+    ],
+)
+async def test_a_server_going_away_mid_stream_says_whether_it_shut_down(
+    test_pki: TestPKI, ending: str, error: type[Exception], message: str
+) -> None:
+    async def handler(conn: FakeConnection, call: ServerCall) -> None:
+        await stream_then(conn, call, ending)
+
+    received: list[bytes] = []
+
+    async def drain(client: JobClient) -> None:
+        async with client.stream("1") as output:
+            async for chunk in output:
+                received.append(chunk)
+
+    async with (
+        fake_server(test_pki, handler) as server,
+        client_for(test_pki, server.address) as client,
+    ):
+        with trio.fail_after(WAIT_S), pytest.raises(error) as caught:
+            await drain(client)
+    assert received == [b"0", b"1"]
+    assert str(caught.value) == message
+    if error is ServerShuttingDown:
+        assert isinstance(caught.value, RpcError)
+        assert caught.value.code_name == "UNAVAILABLE"
 
 
 async def wait_for_calls(server: FakeServer, count: int) -> None:
@@ -705,3 +778,28 @@ async def test_malformed_response_is_an_internal_error_not_a_crash(test_pki: Tes
             "the server sent a malformed response",
         )
         assert (await client.list()) == []  # the connection survives it
+
+
+async def test_a_call_after_a_graceful_idle_close_finds_the_connection_closed(
+    test_pki: TestPKI,
+) -> None:
+    async with (
+        fake_server(test_pki, answer_get) as server,
+        client_for(test_pki, server.address) as client,
+    ):
+        await client.get("1")
+        connection = server.connections[0]
+        connection.h2.close_connection(last_stream_id=1)  # NO_ERROR, nothing in progress
+        await connection.flush()
+        await trio.aclose_forcefully(connection.stream)
+        with trio.fail_after(WAIT_S):
+            while True:
+                try:
+                    await client.get("2")
+                except ServerShuttingDown:  # raced the close: cut short by it, rightly
+                    await trio.sleep(0.01)
+                    continue
+                except ConnectionLost as exc:
+                    lost = exc
+                    break
+    assert str(lost) == "connection lost: the server closed the connection"

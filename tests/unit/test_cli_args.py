@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import pytest
 
 from jobworker.api import worker_pb2
 from jobworker.cli import main, render
 from jobworker.cli.args import (
     DEFAULT_SERVER,
+    DEFAULT_TIMEOUT_S,
     EXIT_USAGE,
     Command,
     UsageError,
@@ -15,6 +19,7 @@ from jobworker.cli.args import (
 )
 from jobworker.client.address import ServerAddress, parse_server
 from jobworker.client.connection import encode_grpc_timeout
+from jobworker.engine.spec import JOB_PATH
 
 NO_ENV: dict[str, str] = {}
 
@@ -232,9 +237,73 @@ def test_bad_connection_settings_are_usage_errors(argv: list[str], env: dict[str
         parsed(*argv, env=env)
 
 
-def test_global_flags_go_before_the_command() -> None:
-    with pytest.raises(UsageError):
-        parsed("list", "--server", "x:1")
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--server", "x:1", "--timeout=3", "--cert", "c", "--key", "k", "--ca", "a", "list"],
+        ["list", "--server", "x:1", "--timeout=3", "--cert", "c", "--key", "k", "--ca", "a"],
+        ["--server=x:1", "list", "--timeout", "3", "--cert=c", "--key=k", "--ca=a"],
+        ["get", "--server=x:1", "--timeout=3", "--cert=c", "--key=k", "--ca=a", "7"],
+        [
+            "stream",
+            "7",
+            "--follow=false",
+            "--server=x:1",
+            "--timeout=3",
+            "--cert=c",
+            "--key=k",
+            "--ca=a",
+        ],
+        ["create", "--server=x:1", "--timeout=3", "--cert=c", "--key=k", "--ca=a", "true"],
+    ],
+)
+def test_global_flags_go_before_or_after_the_command(argv: list[str]) -> None:
+    command = parsed(*argv)
+    assert command.connection.server == "x:1"
+    assert command.connection.timeout == 3.0
+    assert (command.connection.cert, command.connection.key, command.connection.ca) == (
+        "c",
+        "k",
+        "a",
+    )
+
+
+def test_a_global_flag_after_the_command_wins_and_the_jobs_flags_stay_the_jobs() -> None:
+    assert parsed("--server=x:1", "list", "--server=y:2").connection.server == "y:2"
+    create = parsed("create", "--server=x:1", "echo", "--server=y:2", "--timeout=1")
+    assert create.connection.server == "x:1"
+    assert create.connection.timeout == DEFAULT_TIMEOUT_S
+    assert create.args == ("--server=y:2", "--timeout=1")
+
+
+@pytest.mark.parametrize(
+    ("argv", "hint"),
+    [
+        (["bogus"], "jobworker --help"),
+        (["--timeout=0", "list"], "jobworker --help"),
+        (["--server=host:x", "get", "1"], "jobworker --help"),
+        (["list", "--timeout=0"], "jobworker list --help"),
+        (["list", "extra"], "jobworker list --help"),
+        (["create", "--max-cpu=x", "echo"], "jobworker create --help"),
+        (["get"], "jobworker get --help"),
+    ],
+)
+def test_usage_errors_point_to_the_help_that_documents_the_flag(
+    capsys: pytest.CaptureFixture[str], argv: list[str], hint: str
+) -> None:
+    assert main(argv) == EXIT_USAGE
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("Error: ")
+    assert err.endswith(f" (see '{hint}')\n")
+    assert err.count("\n") == 1
+
+
+def test_create_help_names_the_jobs_path(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["create", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"looked up in the job's PATH, not the server's (nor yours): PATH={JOB_PATH} " in out
+    assert "server's PATH" not in out
 
 
 # -- main(): exit codes without a server -----------------------------------------------------
@@ -385,3 +454,50 @@ def test_json_uses_proto_names_in_proto_order_with_defaults() -> None:
     }
     assert list(render.as_dict(job)) == [f.name for f in job.DESCRIPTOR.fields]
     assert render.as_json([]) == "[]\n"
+
+
+# -- escaping: nothing a job's owner (or a server) sends can drive the terminal -------------
+
+HOSTILE_ARGS = ["\n2 COMPLETED StartTime: x Command: echo harmless\n", "\x1b[31m"]
+HOSTILE_LINE = "echo $'\\n2 COMPLETED StartTime: x Command: echo harmless\\n' $'\\x1b[31m'"
+CONTROLS = "".join(chr(c) for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)])
+
+
+def test_control_characters_in_arguments_are_shell_escaped() -> None:
+    assert render.command_line("echo", HOSTILE_ARGS) == HOSTILE_LINE
+    line = render.command_line("printf", ["%s|", f"a\\b'c{CONTROLS}\u202e\u2028 d"])
+    assert all(ch not in line for ch in CONTROLS + "\u202e\u2028")
+    assert render.command_line("echo", ["plain", "it's"]) == "echo plain 'it'\"'\"'s'"
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash for $'...' quoting")
+def test_the_escaped_command_line_is_what_bash_would_run() -> None:
+    words = ["%s\\0", *HOSTILE_ARGS, f"a\\b'c{CONTROLS[1:]}\u202e\u2028 d", "", "é"]
+    line = render.command_line("printf", words)
+    ran = subprocess.run(["bash", "-c", line], capture_output=True, check=True)
+    assert ran.stdout.split(b"\0")[:-1] == [word.encode() for word in words[1:]]
+
+
+def test_every_field_of_the_text_output_is_escaped() -> None:
+    job = worker_pb2.GetJobRes(
+        id="1\x1b[2J",
+        command="echo",
+        args=HOSTILE_ARGS,
+        status="RUN\rNING",
+        startTime="2024\n",
+        endTime="\x9b31m",
+    )
+    texts = [
+        render.job_details(job),
+        render.job_list([worker_pb2.Job(id="1\n2", status="\x1b", command="x\x07")]),
+        render.created(worker_pb2.CreateJobRes(id="\x00", status="\x7f", startTime="\x85")),
+        render.stopped(worker_pb2.StopJobRes(id="\x1b]0;title\x07", status="\u2029")),
+    ]
+    for text in texts:
+        fields = text.splitlines()
+        assert all(ch not in text for ch in CONTROLS.replace("\n", "") + "\u2029\u202e")
+        assert text.count("\n") == len(fields)
+    assert "Id: 1\\x1b[2J\n" in texts[0]
+    assert f"Command: {HOSTILE_LINE}\n" in texts[0]
+    assert "Ended At: \\u009b31m\n" in texts[0]
+    assert texts[1] == "1\\n2 \\x1b StartTime:  Command: $'x\\x07'\n"
