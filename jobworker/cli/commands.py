@@ -49,7 +49,7 @@ async def run(command: Command, stdout: BinaryIO, stderr: TextIO) -> int:
             job = await client.get(command.job_id)
             text = render.as_json(job) if json else render.job_details(job)
         elif command.name == "list":
-            jobs = await client.list()
+            jobs = await client.list_all()
             text = render.as_json(jobs) if json else render.job_list(jobs)
         elif command.name == "stop":
             result = await client.stop(command.job_id)

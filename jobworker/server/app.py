@@ -145,7 +145,8 @@ async def serve(
                 reaper=reaper,
                 pids_max=config.pids_max,
             ) as manager:
-                handler = ConnectionHandler(JobService(manager).methods(), config.limits)
+                service = JobService(manager, max_message_bytes=config.limits.max_message_bytes)
+                handler = ConnectionHandler(service.methods(), config.limits)
                 try:
                     tcp = await anyio.create_tcp_listener(
                         local_host=config.host, local_port=config.port
