@@ -126,8 +126,8 @@ examples:
 The job's output goes to stdout as raw bytes; the banner and the final status
 go to stderr, so "jobworker stream 1 > out.log" captures only the job's output.
 With --follow=false (or --no-follow), print the output so far and exit: the
-whole output if the job has ended, otherwise what the server sends until it
-has been quiet for a moment.
+whole output if the job has ended, otherwise the bytes it had written when the
+stream opened.
 
 examples:
   jobworker stream 1
