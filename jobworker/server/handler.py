@@ -42,6 +42,7 @@ STATUS_SEND_TIMEOUT_S = 1.0  # shielded: queueing trailers never waits on the pe
 FINAL_FLUSH_TIMEOUT_S = 2.0  # after the last RPC: time for the trailers/GOAWAY to reach the peer
 DRAIN_TIMEOUT_S = 2.0  # graceful close: cancelled RPCs get this long to send their status
 CLOSE_TIMEOUT_S = 1.0  # shielded socket close
+SHUTDOWN_MESSAGE = "server shutting down"  # UNAVAILABLE status of RPCs cut by a shutdown
 # What a vanished or misbehaving peer raises from the socket: logged as one line, not a bug.
 TRANSPORT_ERRORS = (
     OSError,
@@ -131,7 +132,7 @@ class ConnectionHandler:
         while True:
             now = trio.current_time()
             if closing.is_set():
-                sock.close_reason = "server shutting down"
+                sock.close_reason = SHUTDOWN_MESSAGE
                 break
             due = sock.last_activity + idle
             if not sock.streams and now >= due:
@@ -172,7 +173,7 @@ class ConnectionHandler:
                 status = (
                     Status(StatusCode.CANCELLED, "cancelled by the client")
                     if stream.reset_by_peer
-                    else Status(StatusCode.UNAVAILABLE, "server is closing the connection")
+                    else Status(StatusCode.UNAVAILABLE, _closing_message(sock))
                 )
             assert status is not None
             call.code = status.status_code
@@ -251,6 +252,13 @@ class ConnectionHandler:
             return request_type.FromString(data)
         except DecodeError:
             raise RpcError(StatusCode.INVALID_ARGUMENT, "malformed request message") from None
+
+
+def _closing_message(sock: ServerSocket) -> str:
+    """Why an RPC the server cancelled ends: the shutdown, or another close."""
+    if sock.close_reason == SHUTDOWN_MESSAGE:
+        return SHUTDOWN_MESSAGE
+    return "server is closing the connection"
 
 
 # Audit fields come from clients (a job id) or certificates (CN, OU): one line per RPC must stay
