@@ -15,6 +15,7 @@ from pathlib import Path
 
 import trio
 
+from jobworker import logtext
 from jobworker.cgroups.base import DEFAULT_PIDS_MAX, ResourceController
 from jobworker.cgroups.null import NullController
 from jobworker.engine.job import SHUTDOWN_REASON, STOP_GRACE_S, STOPPED_REASON, Job
@@ -109,10 +110,9 @@ class JobManager:
         )
         self._jobs[job_id] = job
         log.info(
-            "job %s created: %s %s (cpu %d%%, memory %d MB, io %d B/s)",
+            "job %s created: %s (cpu %d%%, memory %d MB, io %d B/s)",
             job_id,
-            executable,
-            " ".join(spec.args)[:200],
+            logtext.words([executable, *spec.args]),
             limits.cpu_percent,
             limits.memory_mb,
             limits.io_bps,

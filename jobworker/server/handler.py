@@ -12,10 +12,8 @@ its grpc-timeout (DEADLINE_EXCEEDED) or by the server closing the connection (UN
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
-import re
 import ssl
 from dataclasses import dataclass
 
@@ -27,6 +25,7 @@ from purerpc.grpclib.config import GRPCConfiguration
 from purerpc.grpclib.events import MessageReceived, RequestEnded, RequestReceived
 from purerpc.grpclib.status import Status, StatusCode
 
+from jobworker import logtext
 from jobworker.server.auth import authorize, operation_name
 from jobworker.server.config import ConnectionLimits
 from jobworker.server.errors import RpcError, status_for, unwrap
@@ -120,7 +119,8 @@ class ConnectionHandler:
             if sock.close_reason:
                 why = sock.close_reason
             level = logging.INFO if sock.protocol_error else logging.DEBUG
-            log.log(level, "connection from %s (%s) ended: %s", remote, peer.identity.name, why)
+            name = logtext.field(peer.identity.name)
+            log.log(level, "connection from %s (%s) ended: %s", remote, name, why)
 
     async def _close_gracefully_when_due(
         self, sock: ServerSocket, closing: trio.Event, nursery: trio.Nursery, peer: Peer
@@ -137,7 +137,7 @@ class ConnectionHandler:
             due = sock.last_activity + idle
             if not sock.streams and now >= due:
                 sock.close_reason = f"idle for {idle:g}s"
-                log.info("closing idle connection (%s)", peer.identity.name)
+                log.info("closing idle connection (%s)", logtext.field(peer.identity.name))
                 break
             with trio.move_on_at(due if now < due else now + idle):
                 await closing.wait()
@@ -261,17 +261,9 @@ def _closing_message(sock: ServerSocket) -> str:
     return "server is closing the connection"
 
 
-# Audit fields come from clients (a job id) or certificates (CN, OU): one line per RPC must stay
-# one line, and short. Plain values are written as they are; anything else JSON-quoted, clipped.
-AUDIT_FIELD_CHARS = 64
-_PLAIN_FIELD = re.compile(r"[A-Za-z0-9._@:+-]{1,64}")
-
-
-def _field(text: str) -> str:
-    if _PLAIN_FIELD.fullmatch(text):
-        return text
-    clipped = text[:AUDIT_FIELD_CHARS]
-    return json.dumps(clipped) + ("..." if len(text) > AUDIT_FIELD_CHARS else "")
+# Audit fields come from clients (a job id, a method name) or certificates (CN, OU): one line
+# per RPC must stay one line, and short.
+_field = logtext.field
 
 
 def _audit(identity: Identity, call: CallRecord, elapsed: float) -> None:
@@ -281,8 +273,8 @@ def _audit(identity: Identity, call: CallRecord, elapsed: float) -> None:
         "rpc identity=%s role=%s method=%s op=%s job=%s outcome=%s duration_ms=%.1f",
         _field(identity.name),
         _field(identity.role_label),
-        call.method,
-        operation_name(call.method),
+        _field(call.method),
+        _field(operation_name(call.method)),
         _field(call.job_id) if call.job_id else "-",
         call.code.name,
         elapsed * 1000,
