@@ -73,12 +73,18 @@ class JobManager:
         anything is made: no id is used, nothing is written. Raises JobStartFailed if the
         process could not be spawned (the job is then recorded FAILED under its id).
         The returned snapshot is RUNNING, or already terminal if the job ended that fast.
-        Cancelling the caller does not undo a job once spawned: it belongs to the manager.
+        A caller cancelled (or past its deadline) before the start gets Cancelled, and nothing
+        is made. Cancelling the caller does not undo a job once spawned: it belongs to the
+        manager.
         """
         if self._closing:
             raise JobStartFailed("the worker is shutting down")
         limits = validate_spec(spec, pids_max=self._pids_max)
         executable = await trio.to_thread.run_sync(resolve_command, spec.command)
+        # Trio turns a passed deadline into a cancellation only at a schedule point, and the
+        # thread hop above is none: a caller whose deadline passed meanwhile would start a
+        # job it never hears of (and a retry would start it twice). Take one before the id.
+        await trio.lowlevel.checkpoint()
         if self._closing:
             raise JobStartFailed("the worker is shutting down")
         # No checkpoint from here to the id increment: the id is ours alone, and a refused
