@@ -103,7 +103,7 @@ def page(
                 raise RpcError(
                     StatusCode.RESOURCE_EXHAUSTED,
                     f"job {record.id} is too large to list ({len(encoded)} bytes, "
-                    f"limit {budget - TOKEN_FIELD_BYTES}): use GetJob",
+                    f"limit {budget - TOKEN_FIELD_BYTES})",
                 )
             return b"".join(parts), _encode_token(last, request.newest_first)
         parts.append(encoded)

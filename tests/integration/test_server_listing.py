@@ -8,6 +8,7 @@ number does (thousands of records in well under a second).
 from __future__ import annotations
 
 import datetime as dt
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,7 +27,7 @@ from tests.support import grpc_credentials
 
 if TYPE_CHECKING:
     from tests.conftest import TestPKI
-    from tests.integration.conftest import ServerProc
+    from tests.integration.conftest import ServerFactory, ServerProc
 
 WAIT_S = 10.0
 BIG_ARG = "x" * 100_000
@@ -296,4 +297,27 @@ def test_jobworker_list_pages_through_thousands_of_records(
     assert [line.split()[0] for line in lines][:RECORDS] == [str(n) for n in range(1, RECORDS + 1)]
     assert lines[41] == (
         f"42 {STATUSES[0].value} StartTime: 2026-01-01T00:00:00Z Command: /bin/echo 'record 42'"
+    )
+
+
+def test_a_job_too_large_for_a_page_of_its_own_is_named_not_internal(
+    server_factory: ServerFactory, test_pki: TestPKI
+) -> None:
+    # Only a server whose message limit is below the arguments limit can hold such a job.
+    limit = 100_000
+    with server_factory("--max-message-bytes", str(limit)) as srv:
+        channel = grpc.secure_channel(srv.address, grpc_credentials(test_pki, "admin-client"))
+        stub = worker_pb2_grpc.JobServiceStub(channel)
+        small = stub.CreateJob(worker_pb2.CreateJobReq(command="/bin/true"), timeout=10)
+        request = worker_pb2.CreateJobReq(command="/bin/true", args=["y" * (limit - 100)])
+        big = stub.CreateJob(request, timeout=10)
+        first = stub.ListJobs(worker_pb2.ListJobsReq(), timeout=10)
+        assert [job.id for job in first.jobs] == [small.id]
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ListJobs(worker_pb2.ListJobsReq(pageToken=first.nextPageToken), timeout=10)
+        channel.close()
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert re.fullmatch(
+        rf"job {big.id} is too large to list \(\d+ bytes, limit {limit - 64}\)",
+        info.value.details(),
     )
