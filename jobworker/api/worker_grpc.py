@@ -18,6 +18,9 @@ class JobServiceServicer(purerpc.Servicer):
     async def GetJobsStream(self, input_message):
         raise NotImplementedError()
 
+    async def ListJobs(self, input_message):
+        raise NotImplementedError()
+
     @property
     def service(self) -> purerpc.Service:
         service_obj = purerpc.Service(
@@ -68,6 +71,15 @@ class JobServiceServicer(purerpc.Servicer):
                 worker__pb2.DataChunk,
             )
         )
+        service_obj.add_method(
+            "ListJobs",
+            self.ListJobs,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                worker__pb2.ListJobsReq,
+                worker__pb2.ListJobsRes,
+            )
+        )
         return service_obj
 
 
@@ -115,5 +127,13 @@ class JobServiceStub:
                 purerpc.Cardinality.UNARY_STREAM,
                 worker__pb2.GetJobsStreamReq,
                 worker__pb2.DataChunk,
+            )
+        )
+        self.ListJobs = self._client.get_method_stub(
+            "ListJobs",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                worker__pb2.ListJobsReq,
+                worker__pb2.ListJobsRes,
             )
         )

@@ -127,13 +127,37 @@ class Jobs(_message.Message):
     def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ...) -> None: ...
 
 class GetJobsStreamReq(_message.Message):
-    __slots__ = ("id",)
+    __slots__ = ("id", "noFollow")
     ID_FIELD_NUMBER: _ClassVar[int]
+    NOFOLLOW_FIELD_NUMBER: _ClassVar[int]
     id: str
-    def __init__(self, id: _Optional[str] = ...) -> None: ...
+    noFollow: bool
+    def __init__(self, id: _Optional[str] = ..., noFollow: _Optional[bool] = ...) -> None: ...
 
 class DataChunk(_message.Message):
     __slots__ = ("payload",)
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     payload: bytes
     def __init__(self, payload: _Optional[bytes] = ...) -> None: ...
+
+class ListJobsReq(_message.Message):
+    __slots__ = ("pageSize", "pageToken", "status", "owner", "newestFirst")
+    PAGESIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGETOKEN_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    NEWESTFIRST_FIELD_NUMBER: _ClassVar[int]
+    pageSize: int
+    pageToken: str
+    status: _containers.RepeatedScalarFieldContainer[str]
+    owner: str
+    newestFirst: bool
+    def __init__(self, pageSize: _Optional[int] = ..., pageToken: _Optional[str] = ..., status: _Optional[_Iterable[str]] = ..., owner: _Optional[str] = ..., newestFirst: _Optional[bool] = ...) -> None: ...
+
+class ListJobsRes(_message.Message):
+    __slots__ = ("jobs", "nextPageToken")
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    NEXTPAGETOKEN_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[Job]
+    nextPageToken: str
+    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ..., nextPageToken: _Optional[str] = ...) -> None: ...

@@ -59,6 +59,11 @@ class JobServiceStub:
                 request_serializer=worker__pb2.GetJobsStreamReq.SerializeToString,
                 response_deserializer=worker__pb2.DataChunk.FromString,
                 _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/job_worker.JobService/ListJobs',
+                request_serializer=worker__pb2.ListJobsReq.SerializeToString,
+                response_deserializer=worker__pb2.ListJobsRes.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -99,6 +104,13 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListJobs(self, request, context):
+        """List the jobs one page at a time, each page within the message limit (admin, viewer).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +138,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.GetJobsStream,
                     request_deserializer=worker__pb2.GetJobsStreamReq.FromString,
                     response_serializer=worker__pb2.DataChunk.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=worker__pb2.ListJobsReq.FromString,
+                    response_serializer=worker__pb2.ListJobsRes.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +280,33 @@ class JobService:
             '/job_worker.JobService/GetJobsStream',
             worker__pb2.GetJobsStreamReq.SerializeToString,
             worker__pb2.DataChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/job_worker.JobService/ListJobs',
+            worker__pb2.ListJobsReq.SerializeToString,
+            worker__pb2.ListJobsRes.FromString,
             options,
             channel_credentials,
             insecure,

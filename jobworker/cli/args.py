@@ -145,8 +145,8 @@ go to stderr, so "jobworker stream 1 > out.log" captures only the job's output.
 With -o json, stdout gets one JSON object per chunk and line (JSON Lines):
 {"offset": N, "payload": "<base64>"}, N counting bytes from the job's first.
 With --follow=false (or --no-follow), print the output so far and exit: the
-whole output if the job has ended, otherwise what the server sends until it
-has been quiet for a moment.
+whole output if the job has ended, otherwise the bytes it had written when the
+stream opened.
 
 examples:
   jobworker stream 1

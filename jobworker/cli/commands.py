@@ -4,18 +4,9 @@ from __future__ import annotations
 
 from typing import BinaryIO, TextIO
 
-import trio
-
 from jobworker.cli import render
 from jobworker.cli.args import EXIT_OK, EXIT_SERVER_ERROR, Command
-from jobworker.client import JobClient, JobOutput, open_client
-
-# --follow=false on a running job: the API has no "output so far" call, so we
-# read what the server sends (history comes first, at once) until it has been
-# quiet this long, then cancel the stream. A job that never pauses is cut off
-# after --timeout seconds.
-NO_FOLLOW_FIRST_CHUNK_S = 0.5  # the first chunk may wait for the server to open the log
-NO_FOLLOW_QUIET_S = 0.2
+from jobworker.client import JobClient, RpcError, open_client
 
 
 async def run(command: Command, stdout: BinaryIO, stderr: TextIO) -> int:
@@ -49,7 +40,7 @@ async def run(command: Command, stdout: BinaryIO, stderr: TextIO) -> int:
             job = await client.get(command.job_id)
             text = render.as_json(job) if json else render.job_details(job)
         elif command.name == "list":
-            jobs = await client.list()
+            jobs = await client.list_all()
             text = render.as_json(jobs) if json else render.job_list(jobs)
         elif command.name == "stop":
             result = await client.stop(command.job_id)
@@ -82,25 +73,21 @@ class OutputWriter:
 async def stream(client: JobClient, command: Command, stdout: BinaryIO, stderr: TextIO) -> int:
     """Copy the job's output to stdout (see OutputWriter), flushed per chunk.
 
-    GetJob first (so an unknown id is one error line, without a banner), then
-    the stream; at its end, GetJob again to report how the job ended: exit 1
-    with the status on stderr if it did not complete.
+    GetJob first (so an unknown id is one error line, without a banner), then the stream
+    (with --follow=false: noFollow, the output that exists now); at its end, GetJob again to
+    report how the job ended: exit 1 with the status on stderr if it did not complete.
     """
     job_id = command.job_id
     writer = OutputWriter(stdout, json_lines=command.output == "json")
-    before = await client.get(job_id)
-    if command.follow:
+    readable = await _may_get(client, job_id)
+    if command.follow and readable:
         stderr.write(f"Streaming logs for job {render.escape(job_id)} (Press Ctrl+C to exit):\n")
         stderr.flush()
-    async with client.stream(job_id) as output:
-        if command.follow or before.status in render.ENDED_STATUSES:
-            async for chunk in output:
-                writer.write(chunk)
-        else:
-            with trio.move_on_after(command.connection.timeout):  # a job that never pauses
-                await _copy_until_quiet(output, writer)
-            if not output.ended:
-                return EXIT_OK  # still running: we printed the output so far
+    async with client.stream(job_id, follow=command.follow) as output:
+        async for chunk in output:
+            writer.write(chunk)
+    if not readable:
+        return EXIT_OK
     after = await client.get(job_id)
     if after.status == "COMPLETED":
         return EXIT_OK
@@ -109,6 +96,8 @@ async def stream(client: JobClient, command: Command, stdout: BinaryIO, stderr: 
             f"Job {render.escape(job_id)} ended with status {render.escape(after.status)}"
             f" (exit code {after.exitCode})\n"
         )
+    elif not command.follow:
+        return EXIT_OK  # still running: we printed the output so far
     else:
         stderr.write(
             f"Job {render.escape(job_id)} has not ended: the stream stopped with status"
@@ -118,16 +107,13 @@ async def stream(client: JobClient, command: Command, stdout: BinaryIO, stderr: 
     return EXIT_SERVER_ERROR
 
 
-async def _copy_until_quiet(output: JobOutput, writer: OutputWriter) -> None:
-    """Copy chunks until the stream ends or none came for NO_FOLLOW_QUIET_S."""
-    wait = NO_FOLLOW_FIRST_CHUNK_S
-    while True:
-        with trio.move_on_after(wait) as quiet:
-            try:
-                chunk = await output.__anext__()
-            except StopAsyncIteration:
-                return
-        if quiet.cancelled_caught:
-            return
-        writer.write(chunk)
-        wait = NO_FOLLOW_QUIET_S
+async def _may_get(client: JobClient, job_id: str) -> bool:
+    """GetJob, for its errors: False if the role may not call it. The stream then reports
+    what it is denied itself (operation stream_job, not get_job)."""
+    try:
+        await client.get(job_id)
+    except RpcError as exc:
+        if exc.code_name != "PERMISSION_DENIED":
+            raise
+        return False
+    return True

@@ -170,7 +170,7 @@ class ClientSession:
 
 
 class JobClient:
-    """The five JobService calls. Obtain one from open_client(); not usable after it exits."""
+    """The JobService calls. Obtain one from open_client(); not usable after it exits."""
 
     def __init__(self, connection: Connection, address: ServerAddress, call_timeout: float):
         self._connection = connection
@@ -200,20 +200,56 @@ class JobClient:
         return await self._unary("GetJob", worker_pb2.GetJobReq(id=job_id), worker_pb2.GetJobRes)
 
     async def list(self) -> builtins.list[worker_pb2.Job]:
-        """GetJobs: every job the server knows, in the server's order."""
+        """GetJobs: every job the server knows, in the server's order (RESOURCE_EXHAUSTED if
+        they do not fit one message: use ``list_all``)."""
         jobs = await self._unary("GetJobs", worker_pb2.EmptyRequest(), worker_pb2.Jobs)
         return builtins.list(jobs.jobs)
+
+    async def list_page(
+        self,
+        page_token: str = "",
+        *,
+        page_size: int = 0,
+        statuses: Sequence[str] = (),
+        newest_first: bool = False,
+    ) -> worker_pb2.ListJobsRes:
+        """ListJobs: one page; pass its ``nextPageToken`` to get the next ("" = last page)."""
+        request = worker_pb2.ListJobsReq(
+            pageSize=page_size,
+            pageToken=page_token,
+            status=builtins.list(statuses),
+            newestFirst=newest_first,
+        )
+        return await self._unary("ListJobs", request, worker_pb2.ListJobsRes)
+
+    async def list_all(self) -> builtins.list[worker_pb2.Job]:
+        """Every job, in id order, paged through ListJobs (each page one call, with its own
+        deadline). Falls back to GetJobs on a server without ListJobs (UNIMPLEMENTED)."""
+        jobs: builtins.list[worker_pb2.Job] = []
+        token = ""
+        while True:
+            try:
+                page = await self.list_page(token)
+            except RpcError as exc:
+                if exc.code_name == "UNIMPLEMENTED" and not token:
+                    return await self.list()
+                raise
+            jobs.extend(page.jobs)
+            token = page.nextPageToken
+            if not token:
+                return jobs
 
     async def stop(self, job_id: str) -> worker_pb2.StopJobRes:
         """StopJob."""
         return await self._unary("StopJob", worker_pb2.StopJobReq(id=job_id), worker_pb2.StopJobRes)
 
-    def stream(self, job_id: str) -> JobOutput:
+    def stream(self, job_id: str, *, follow: bool = True) -> JobOutput:
         """GetJobsStream as an async context manager yielding an iterator of output bytes.
 
-        No deadline. Leaving the block before the end resets the stream.
+        No deadline. Leaving the block before the end resets the stream. ``follow=False``
+        (noFollow) ends the stream once the output that existed when it opened was sent.
         """
-        return JobOutput(self._connection, job_id)
+        return JobOutput(self._connection, job_id, follow=follow)
 
     async def _unary(
         self, method: str, request: _Message, response_type: _Parser[_Response]
@@ -258,14 +294,15 @@ class JobOutput:
     sends RST_STREAM(CANCEL) so the server stops streaming.
     """
 
-    def __init__(self, connection: Connection, job_id: str) -> None:
+    def __init__(self, connection: Connection, job_id: str, *, follow: bool = True) -> None:
         self._connection = connection
         self.job_id = job_id
+        self.follow = follow
         self._call: Call | None = None
         self.ended = False  # the server ended the stream with OK: every byte was delivered
 
     async def __aenter__(self) -> Self:
-        request = worker_pb2.GetJobsStreamReq(id=self.job_id)
+        request = worker_pb2.GetJobsStreamReq(id=self.job_id, noFollow=not self.follow)
         self._call = await self._connection.open_call(
             f"/{SERVICE}/GetJobsStream", request.SerializeToString(), None
         )

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import trio
 
+from jobworker import logtext
 from jobworker.cgroups.base import DEFAULT_PIDS_MAX, ResourceController
 from jobworker.cgroups.null import NullController
 from jobworker.engine.job import (
@@ -57,6 +58,7 @@ LOAD_BATCH = 64
 def default_min_free_disk(total_bytes: int) -> int:
     """The free-space floor for a data disk of ``total_bytes`` when none is configured."""
     return max(int(total_bytes * MIN_FREE_DISK_FRACTION), DEFAULT_MIN_FREE_DISK_BYTES)
+
 
 # At shutdown, how long a job whose processes survive SIGKILL is killed again before the
 # manager gives up on it (its record then stays unended and the next start sweeps it).
@@ -114,7 +116,9 @@ class JobManager:
         data disk has less free space than the floor. Raises JobStartFailed if the
         process could not be spawned (the job is then recorded FAILED under its id).
         The returned snapshot is RUNNING, or already terminal if the job ended that fast.
-        Cancelling the caller does not undo a job once spawned: it belongs to the manager.
+        A caller cancelled (or past its deadline) before the start gets Cancelled, and nothing
+        is made. Cancelling the caller does not undo a job once spawned: it belongs to the
+        manager.
         """
         if self._closing:
             raise JobStartFailed("the worker is shutting down")
@@ -128,6 +132,10 @@ class JobManager:
                 self._min_free_disk,
             )
             raise DataDiskFull()
+        # Trio turns a passed deadline into a cancellation only at a schedule point, and the
+        # thread hop above is none: a caller whose deadline passed meanwhile would start a
+        # job it never hears of (and a retry would start it twice). Take one before the id.
+        await trio.lowlevel.checkpoint()
         if self._closing:
             raise JobStartFailed("the worker is shutting down")
         # No checkpoint from here to the id increment: the id is ours alone, and a refused
@@ -159,10 +167,9 @@ class JobManager:
         )
         self._jobs[job_id] = job
         log.info(
-            "job %s created: %s %s (cpu %d%%, memory %d MB, io %d B/s)",
+            "job %s created: %s (cpu %d%%, memory %d MB, io %d B/s)",
             job_id,
-            executable,
-            " ".join(spec.args)[:200],
+            logtext.words([executable, *spec.args]),
             limits.cpu_percent,
             limits.memory_mb,
             limits.io_bps,

@@ -177,7 +177,8 @@ async def serve(
                 pids_max=config.pids_max,
                 min_free_disk=config.min_free_disk,
             ) as manager:
-                handler = ConnectionHandler(JobService(manager).methods(), config.limits)
+                service = JobService(manager, max_message_bytes=config.limits.max_message_bytes)
+                handler = ConnectionHandler(service.methods(), config.limits)
                 sockets = [s for s in tcp.listeners if isinstance(s, anyio.abc.SocketListener)]
                 listener = Listener(
                     sockets,

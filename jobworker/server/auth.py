@@ -23,13 +23,15 @@ class Rule:
 
 
 # RPC method name (as in protos/worker.proto) -> rule. The spec's table, "Role-Based
-# Authorization". A test fails if the generated service has an RPC that is not here.
+# Authorization", plus our additions. A test fails if the generated service has an RPC that
+# is not here.
 ROLE_TABLE: dict[str, Rule] = {
     "CreateJob": Rule("create_job", frozenset({ADMIN})),
     "GetJob": Rule("get_job", frozenset({ADMIN, VIEWER})),
     "StopJob": Rule("stop_job", frozenset({ADMIN})),
     "GetJobs": Rule("list_jobs", frozenset({ADMIN, VIEWER})),
     "GetJobsStream": Rule("stream_job", frozenset({ADMIN, VIEWER})),
+    "ListJobs": Rule("list_jobs", frozenset({ADMIN, VIEWER})),  # GetJobs, by pages
 }
 
 

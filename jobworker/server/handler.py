@@ -12,10 +12,8 @@ its grpc-timeout (DEADLINE_EXCEEDED) or by the server closing the connection (UN
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
-import re
 import ssl
 from dataclasses import dataclass
 
@@ -27,6 +25,7 @@ from purerpc.grpclib.config import GRPCConfiguration
 from purerpc.grpclib.events import MessageReceived, RequestEnded, RequestReceived
 from purerpc.grpclib.status import Status, StatusCode
 
+from jobworker import logtext
 from jobworker.server.auth import authorize, operation_name
 from jobworker.server.config import ConnectionLimits
 from jobworker.server.errors import RpcError, status_for, unwrap
@@ -42,6 +41,7 @@ STATUS_SEND_TIMEOUT_S = 1.0  # shielded: queueing trailers never waits on the pe
 FINAL_FLUSH_TIMEOUT_S = 2.0  # after the last RPC: time for the trailers/GOAWAY to reach the peer
 DRAIN_TIMEOUT_S = 2.0  # graceful close: cancelled RPCs get this long to send their status
 CLOSE_TIMEOUT_S = 1.0  # shielded socket close
+SHUTDOWN_MESSAGE = "server shutting down"  # UNAVAILABLE status of RPCs cut by a shutdown
 # What a vanished or misbehaving peer raises from the socket: logged as one line, not a bug.
 TRANSPORT_ERRORS = (
     OSError,
@@ -119,7 +119,8 @@ class ConnectionHandler:
             if sock.close_reason:
                 why = sock.close_reason
             level = logging.INFO if sock.protocol_error else logging.DEBUG
-            log.log(level, "connection from %s (%s) ended: %s", remote, peer.identity.name, why)
+            name = logtext.field(peer.identity.name)
+            log.log(level, "connection from %s (%s) ended: %s", remote, name, why)
 
     async def _close_gracefully_when_due(
         self, sock: ServerSocket, closing: trio.Event, nursery: trio.Nursery, peer: Peer
@@ -131,12 +132,12 @@ class ConnectionHandler:
         while True:
             now = trio.current_time()
             if closing.is_set():
-                sock.close_reason = "server shutting down"
+                sock.close_reason = SHUTDOWN_MESSAGE
                 break
             due = sock.last_activity + idle
             if not sock.streams and now >= due:
                 sock.close_reason = f"idle for {idle:g}s"
-                log.info("closing idle connection (%s)", peer.identity.name)
+                log.info("closing idle connection (%s)", logtext.field(peer.identity.name))
                 break
             with trio.move_on_at(due if now < due else now + idle):
                 await closing.wait()
@@ -172,7 +173,7 @@ class ConnectionHandler:
                 status = (
                     Status(StatusCode.CANCELLED, "cancelled by the client")
                     if stream.reset_by_peer
-                    else Status(StatusCode.UNAVAILABLE, "server is closing the connection")
+                    else Status(StatusCode.UNAVAILABLE, _closing_message(sock))
                 )
             assert status is not None
             call.code = status.status_code
@@ -253,17 +254,16 @@ class ConnectionHandler:
             raise RpcError(StatusCode.INVALID_ARGUMENT, "malformed request message") from None
 
 
-# Audit fields come from clients (a job id) or certificates (CN, OU): one line per RPC must stay
-# one line, and short. Plain values are written as they are; anything else JSON-quoted, clipped.
-AUDIT_FIELD_CHARS = 64
-_PLAIN_FIELD = re.compile(r"[A-Za-z0-9._@:+-]{1,64}")
+def _closing_message(sock: ServerSocket) -> str:
+    """Why an RPC the server cancelled ends: the shutdown, or another close."""
+    if sock.close_reason == SHUTDOWN_MESSAGE:
+        return SHUTDOWN_MESSAGE
+    return "server is closing the connection"
 
 
-def _field(text: str) -> str:
-    if _PLAIN_FIELD.fullmatch(text):
-        return text
-    clipped = text[:AUDIT_FIELD_CHARS]
-    return json.dumps(clipped) + ("..." if len(text) > AUDIT_FIELD_CHARS else "")
+# Audit fields come from clients (a job id, a method name) or certificates (CN, OU): one line
+# per RPC must stay one line, and short.
+_field = logtext.field
 
 
 def _audit(identity: Identity, call: CallRecord, elapsed: float) -> None:
@@ -273,8 +273,8 @@ def _audit(identity: Identity, call: CallRecord, elapsed: float) -> None:
         "rpc identity=%s role=%s method=%s op=%s job=%s outcome=%s duration_ms=%.1f",
         _field(identity.name),
         _field(identity.role_label),
-        call.method,
-        operation_name(call.method),
+        _field(call.method),
+        _field(operation_name(call.method)),
         _field(call.job_id) if call.job_id else "-",
         call.code.name,
         elapsed * 1000,

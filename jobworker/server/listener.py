@@ -12,6 +12,7 @@ import anyio
 import anyio.abc
 import trio
 
+from jobworker import logtext
 from jobworker.server.janitor import MemoryJanitor
 from jobworker.server.tls import Peer, handshake
 
@@ -144,8 +145,8 @@ class Listener:
             log.debug(
                 "connection from %s: %s (role %s)",
                 remote,
-                peer.identity.name,
-                peer.identity.role_label,
+                logtext.field(peer.identity.name),
+                logtext.field(peer.identity.role_label),
             )
             await self._handler(peer, self.closing, remote)
         except Exception:  # the connection edge: nothing may take the listener down

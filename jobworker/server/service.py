@@ -15,6 +15,8 @@ from google.protobuf.message import Message
 
 from jobworker.api import worker_pb2 as pb
 from jobworker.engine import JobManager, JobRecord, JobSpec, rfc3339
+from jobworker.server.config import DEFAULT_MAX_MESSAGE_BYTES
+from jobworker.server.listing import PageRequest, page, too_many
 
 SERVICE_NAME = "job_worker.JobService"  # package.service in protos/worker.proto
 STREAM_CHUNK_BYTES = 64 * 1024  # DataChunk payload limit promised by the API
@@ -61,8 +63,13 @@ def wire_exit_code(record: JobRecord) -> int:
 class JobService:
     """job_worker.JobService over a JobManager."""
 
-    def __init__(self, manager: JobManager) -> None:
+    def __init__(
+        self, manager: JobManager, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    ) -> None:
         self._manager = manager
+        self._max_message_bytes = max_message_bytes
+        # A page must also fit what a client accepts by default: gRPC's default receive limit.
+        self._page_bytes = min(max_message_bytes, DEFAULT_MAX_MESSAGE_BYTES)
         # job id -> encoded one-job Jobs message, for terminal (immutable) records only.
         # Jobs are never forgotten by the manager, so this grows with its job table.
         self._finished_entries: dict[str, bytes] = {}
@@ -73,8 +80,9 @@ class JobService:
             "CreateJob": Method(pb.CreateJobReq, unary=self.create_job),
             "GetJob": Method(pb.GetJobReq, unary=self.get_job),
             "StopJob": Method(pb.StopJobReq, unary=self.stop_job),
-            "GetJobs": Method(pb.EmptyRequest, unary=self.list_jobs),
+            "GetJobs": Method(pb.EmptyRequest, unary=self.get_jobs),
             "GetJobsStream": Method(pb.GetJobsStreamReq, stream=self.stream_job),
+            "ListJobs": Method(pb.ListJobsReq, unary=self.list_jobs),
         }
 
     async def create_job(self, request: pb.CreateJobReq) -> pb.CreateJobRes:
@@ -100,14 +108,30 @@ class JobService:
             exitCode=wire_exit_code(record),
         )
 
-    async def list_jobs(self, request: pb.EmptyRequest) -> pb.Jobs:
+    async def get_jobs(self, request: pb.EmptyRequest) -> pb.Jobs:
+        """Every job in one message, or RESOURCE_EXHAUSTED if they do not fit one."""
         # Concatenated encodings of one-job Jobs messages parse as one Jobs message (a
-        # repeated field appends). Building each Job costs ~5 us (two strftime, the message):
-        # 50-100 ms for 10,000 jobs. A finished job's fields never change, so its encoding is
+        # repeated field appends). A finished job's fields never change, so its encoding is
         # built once; a running job's is rebuilt each time.
         entries = [self._listing_entry(record) for record in self._manager.list()]
+        if sum(map(len, entries)) > self._max_message_bytes:
+            raise too_many(len(entries))
         jobs: pb.Jobs = pb.Jobs.FromString(b"".join(entries))
         return jobs
+
+    async def list_jobs(self, request: pb.ListJobsReq) -> pb.ListJobsRes:
+        """One page of jobs, in id order (or newest first), within the message limit."""
+        wanted = PageRequest.parse(
+            request.pageSize,
+            request.pageToken,
+            request.status,
+            request.owner,
+            request.newestFirst,
+        )
+        jobs, token = page(self._manager.list(), wanted, self._listing_entry, self._page_bytes)
+        response: pb.ListJobsRes = pb.ListJobsRes.FromString(jobs)
+        response.nextPageToken = token
+        return response
 
     def _listing_entry(self, record: JobRecord) -> bytes:
         entry = self._finished_entries.get(record.id)
@@ -121,8 +145,19 @@ class JobService:
         """History then live output, in chunks of at most 64 KiB, until the job has ended and
         every byte was sent. ``send`` waits on HTTP/2 flow control: a slow reader holds at most
         one chunk here (the engine never waits for it). On cancellation the reader is
-        released by the engine's context manager."""
+        released by the engine's context manager.
+
+        With ``noFollow`` the stream ends once it has sent the bytes the job had written when
+        the stream opened (the whole output, for a job that has ended)."""
+        end = self._manager.output_size(request.id) if request.noFollow else None
+        if end == 0:
+            return
         follow = self._manager.follow(request.id, offset=0, max_chunk=STREAM_CHUNK_BYTES)
+        sent = 0
         async with follow as reader:
             async for chunk in reader:
-                await send(pb.DataChunk(payload=chunk))
+                payload = chunk if end is None else chunk[: end - sent]
+                await send(pb.DataChunk(payload=payload))
+                sent += len(payload)
+                if sent == end:
+                    return

@@ -19,6 +19,8 @@ state (h2), gRPC headers and message framing. What changes here, and why:
   7540 requires (h2 3.2 answered GOAWAY STREAM_CLOSED: every RPC on the connection died).
 - Every stream is forgotten when its handler ends, whatever the client does (stock: kept
   until both sides closed it, forever for a client that never half-closes).
+- GOAWAY lets the open streams finish with their statuses (h2's close_connection() made
+  every later frame of the connection a protocol error).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import h2.exceptions
 import trio
 from h2.connection import ConnectionInputs
 from h2.settings import SettingCodes
+from hyperframe.frame import GoAwayFrame
 from purerpc.grpc_proto import GRPCProtoSocket, GRPCProtoStream
 from purerpc.grpc_socket import GRPCStreamState, SocketWrapper
 from purerpc.grpclib.buffers import MessageReadBuffer, MessageWriteBuffer
@@ -154,6 +157,20 @@ class _H2Connection(h2.connection.H2Connection):  # type: ignore[misc]
             and stream_id <= self.highest_inbound_stream_id
             and stream_id not in self.streams
         )
+
+    def announce_goaway(self) -> None:
+        """Queue GOAWAY(NO_ERROR) naming the highest stream we received.
+
+        h2's close_connection() also moves the connection to its CLOSED state, where every
+        later send (the trailers of the streams that GOAWAY lets finish) and every frame the
+        peer still sends (WINDOW_UPDATE, PING) is a ProtocolError: a graceful shutdown ended
+        every stream without its status. Only the frame is sent here; refusing new streams
+        is ServerSocket's job (``goaway_sent``).
+        """
+        frame = GoAwayFrame(
+            stream_id=0, last_stream_id=self.highest_inbound_stream_id, error_code=0
+        )
+        self._prepare_for_sending([frame])
 
     def _receive_headers_without_limit(self, frame: Any) -> Any:
         settings = self.local_settings
@@ -566,12 +583,10 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
             await self._no_streams.wait()
 
     async def send_goaway(self) -> None:
-        """Tell the client that no new stream will be accepted (idempotent)."""
+        """Tell the client that no new stream will be accepted (idempotent). The streams
+        already open go on: they still send their responses and statuses."""
         if self.goaway_sent:
             return
         self.goaway_sent = True
-        try:
-            self._grpc_connection.h2_connection.close_connection()
-        except h2.exceptions.H2Error:
-            return
+        self._grpc_connection.h2_connection.announce_goaway()
         await self._socket.flush()

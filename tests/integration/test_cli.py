@@ -440,6 +440,18 @@ def test_stream_of_an_unknown_job_is_one_error_line(cli: CLI) -> None:
     assert run.err == "Error: job not found: 999\n"
 
 
+@pytest.mark.parametrize(("stem", "role"), [("guest-client", "guest"), ("noou-client", "none")])
+@pytest.mark.parametrize("flags", [[], ["--no-follow"]])
+def test_a_denied_stream_names_the_stream_operation(
+    cli: CLI, stub, stem: str, role: str, flags: list[str]
+) -> None:
+    job_id = created_id(cli("create", "echo", "secret"))
+    wait_ended(stub, job_id)
+    run = cli("stream", *flags, job_id, stem=stem)
+    assert (run.code, run.out) == (1, b"")
+    assert run.err == f"Error: role {role} is not allowed to perform operation stream_job\n"
+
+
 # -- errors and exit codes -------------------------------------------------------------------
 
 

@@ -19,13 +19,14 @@ if TYPE_CHECKING:
     from tests.conftest import TestPKI
     from tests.integration.conftest import ServerProc
 
-ALL_RPCS = ["CreateJob", "GetJob", "StopJob", "GetJobs", "GetJobsStream"]
+ALL_RPCS = ["CreateJob", "GetJob", "StopJob", "GetJobs", "GetJobsStream", "ListJobs"]
 OPERATION = {
     "CreateJob": "create_job",
     "GetJob": "get_job",
     "StopJob": "stop_job",
     "GetJobs": "list_jobs",
     "GetJobsStream": "stream_job",
+    "ListJobs": "list_jobs",
 }
 
 
@@ -40,6 +41,8 @@ def call(stub: worker_pb2_grpc.JobServiceStub, rpc: str, job_id: str = "1") -> A
         return stub.StopJob(worker_pb2.StopJobReq(id=job_id), timeout=timeout)
     if rpc == "GetJobs":
         return stub.GetJobs(worker_pb2.EmptyRequest(), timeout=timeout)
+    if rpc == "ListJobs":
+        return stub.ListJobs(worker_pb2.ListJobsReq(), timeout=timeout)
     return list(stub.GetJobsStream(worker_pb2.GetJobsStreamReq(id=job_id), timeout=timeout))
 
 
@@ -71,6 +74,7 @@ def test_admin_may_do_everything(
     assert first_output(admin, job.id) == b"x\n"
     assert call(admin, "GetJob", job.id).status == "RUNNING"
     assert [j.id for j in call(admin, "GetJobs").jobs] == [job.id]
+    assert [j.id for j in call(admin, "ListJobs").jobs] == [job.id]
     assert call(admin, "StopJob", job.id).status == "STOPPED"
     assert b"".join(c.payload for c in call(admin, "GetJobsStream", job.id)) == b"x\n"
 
@@ -93,6 +97,7 @@ def test_viewer_may_read_but_not_create_or_stop(
         )
     assert call(viewer, "GetJob", job.id).status == "RUNNING"  # the stop was not done
     assert [j.id for j in call(viewer, "GetJobs").jobs] == [job.id]
+    assert [j.id for j in call(viewer, "ListJobs").jobs] == [job.id]
     admin.StopJob(worker_pb2.StopJobReq(id=job.id), timeout=10)
     assert b"".join(c.payload for c in call(viewer, "GetJobsStream", job.id)) == b"y\n"
     log = server.log_text()

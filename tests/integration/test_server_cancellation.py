@@ -16,6 +16,7 @@ import pytest
 from purerpc.wrappers import extract_message_from_singleton_stream
 
 from jobworker.api import worker_grpc, worker_pb2, worker_pb2_grpc
+from tests.integration.test_server_limits import RawH2, grpc_message
 
 if TYPE_CHECKING:
     from tests.conftest import TestPKI
@@ -179,3 +180,47 @@ def test_100_cancelled_streams_leave_tasks_and_files_where_they_were(
         wait_until(lambda: server.debug_counts() == (baseline_tasks, 1), 10, "tasks to settle")
         wait_until(lambda: server.fd_count() == baseline_fds, 10, "fds to settle")
         admin.StopJob(worker_pb2.StopJobReq(id=job.id), timeout=10)
+
+
+def create_with_timeout(client: RawH2, timeout: str) -> int:
+    """Send CreateJob(/bin/true) with ``grpc-timeout: <timeout>`` in one write."""
+    stream_id: int = client.conn.get_next_available_stream_id()
+    client.conn.send_headers(
+        stream_id,
+        [
+            (":method", "POST"),
+            (":scheme", "https"),
+            (":path", f"/{SERVICE}/CreateJob"),
+            (":authority", client.authority),
+            ("te", "trailers"),
+            ("content-type", "application/grpc"),
+            ("grpc-timeout", timeout),
+        ],
+    )
+    request = worker_pb2.CreateJobReq(command="/bin/true")
+    client.conn.send_data(stream_id, grpc_message(request), end_stream=True)
+    client.flush()
+    return stream_id
+
+
+def test_a_create_whose_deadline_passed_is_not_started_and_uses_no_id(
+    server: ServerProc, test_pki: TestPKI, grpc_credentials_for: Credentials
+) -> None:
+    # grpc-timeout 1n: the deadline has passed before the handler gets anywhere, yet the
+    # request is complete (a retrying client's view: it gave up, so must the server). grpcio
+    # sends at least 1 ms, which a fast server may or may not beat: not a reproducible test.
+    client = RawH2(server, test_pki)
+    try:
+        ids = [create_with_timeout(client, "1n") for _ in range(20)]
+        client.wait_for(lambda: all("grpc-status" in client.trailers(i) for i in ids))
+        statuses = {client.trailers(i)["grpc-status"] for i in ids}
+    finally:
+        client.close()
+    assert statuses == {str(grpc.StatusCode.DEADLINE_EXCEEDED.value[0])}
+    with grpc.secure_channel(server.address, grpc_credentials_for("admin-client")) as channel:
+        stub = worker_pb2_grpc.JobServiceStub(channel)
+        assert list(stub.GetJobs(worker_pb2.EmptyRequest(), timeout=10).jobs) == []
+        job = stub.CreateJob(worker_pb2.CreateJobReq(command="/bin/true"), timeout=10)
+        assert job.id == "1"  # no id was used
+    assert "job 1 created" in server.log_text()
+    assert "job 2 created" not in server.log_text()

@@ -60,12 +60,14 @@ def test_committed_generated_files_match_a_fresh_generation(tmp_path: Path) -> N
         assert fresh == committed, f"jobworker/api/{name} is stale: run `nox -s protos`"
 
 
-# The wire contract of the spec: (message, field) -> (number, type, repeated).
-STRING, INT32, BYTES, MESSAGE = (
+# The wire contract of the spec, and of our additions (new numbers only; clients rely on the
+# names too): (message, field) -> (number, type, repeated).
+STRING, INT32, BYTES, MESSAGE, BOOL = (
     descriptor_pb2.FieldDescriptorProto.TYPE_STRING,
     descriptor_pb2.FieldDescriptorProto.TYPE_INT32,
     descriptor_pb2.FieldDescriptorProto.TYPE_BYTES,
     descriptor_pb2.FieldDescriptorProto.TYPE_MESSAGE,
+    descriptor_pb2.FieldDescriptorProto.TYPE_BOOL,
 )
 JOB_FIELDS = {
     "id": (1, STRING, False),
@@ -94,7 +96,7 @@ CONTRACT = {
     },
     "GetJobReq": {"id": (1, STRING, False)},
     "StopJobReq": {"id": (1, STRING, False)},
-    "GetJobsStreamReq": {"id": (1, STRING, False)},
+    "GetJobsStreamReq": {"id": (1, STRING, False), "noFollow": (2, BOOL, False)},
     "StopJobRes": {
         "id": (1, STRING, False),
         "status": (2, STRING, False),
@@ -102,6 +104,14 @@ CONTRACT = {
         "exitCode": (4, INT32, False),
     },
     "DataChunk": {"payload": (1, BYTES, False)},
+    "ListJobsReq": {
+        "pageSize": (1, INT32, False),
+        "pageToken": (2, STRING, False),
+        "status": (3, STRING, True),
+        "owner": (4, STRING, False),
+        "newestFirst": (5, BOOL, False),
+    },
+    "ListJobsRes": {"jobs": (1, MESSAGE, True), "nextPageToken": (2, STRING, False)},
 }
 
 
@@ -118,7 +128,7 @@ def test_spec_fields_keep_their_names_and_numbers(message: str) -> None:
     assert actual == CONTRACT[message]
 
 
-def test_service_has_the_spec_methods() -> None:
+def test_service_has_the_spec_methods_and_list_jobs() -> None:
     service = worker_pb2.DESCRIPTOR.services_by_name["JobService"]
     assert worker_pb2.DESCRIPTOR.package == "job_worker"
     methods = {
@@ -130,4 +140,5 @@ def test_service_has_the_spec_methods() -> None:
         "StopJob": ("StopJobReq", "StopJobRes", False),
         "GetJobs": ("EmptyRequest", "Jobs", False),
         "GetJobsStream": ("GetJobsStreamReq", "DataChunk", True),
+        "ListJobs": ("ListJobsReq", "ListJobsRes", False),
     }
