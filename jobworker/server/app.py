@@ -29,9 +29,11 @@ from jobworker.cgroups.detect import detect_controller
 from jobworker.cgroups.reaper import Reaper
 from jobworker.engine import open_job_manager
 from jobworker.server.config import ServerConfig
-from jobworker.server.handler import ConnectionHandler
+from jobworker.server.handler import ConnectionHandler, MethodTable
+from jobworker.server.health import Health
 from jobworker.server.listener import Listener, format_address
-from jobworker.server.service import JobService
+from jobworker.server.reflection import Reflection
+from jobworker.server.service import SERVICE_NAME, JobService
 
 log = logging.getLogger("jobworker.server")
 
@@ -41,6 +43,14 @@ SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 DEBUG_SIGNAL = signal.SIGUSR1  # logs task and connection counts (used by the tests)
 CGROUP_CLEANUP_S = 5.0  # bound on removing our (empty) cgroup subtree at shutdown
 CGROUP_ROOT = "jobworker"  # job cgroups: <own cgroup>/jobworker/<instance>/<job id>
+
+
+def method_table(jobs: JobService, health: Health) -> MethodTable:
+    """Every RPC the server answers: the job service, health, and reflection of them all."""
+    table: MethodTable = {(SERVICE_NAME, name): m for name, m in jobs.methods().items()}
+    table.update(health.methods())
+    table.update(Reflection(service for service, _ in table).methods())
+    return table
 
 
 class ListenError(Exception):
@@ -145,7 +155,10 @@ async def serve(
                 reaper=reaper,
                 pids_max=config.pids_max,
             ) as manager:
-                handler = ConnectionHandler(JobService(manager).methods(), config.limits)
+                health = Health()
+                handler = ConnectionHandler(
+                    method_table(JobService(manager), health), config.limits
+                )
                 try:
                     tcp = await anyio.create_tcp_listener(
                         local_host=config.host, local_port=config.port
@@ -165,9 +178,11 @@ async def serve(
                 async with trio.open_nursery() as serving:
                     await serving.start(listener.serve)
                     host, port = listener.address
+                    health.set_serving()
                     print(f"listening on {format_address(host, port)}", file=sys.stderr, flush=True)
                     task_status.started((host, port))
                     await shutdown.wait()
+                    await health.shut_down()  # watchers hear NOT_SERVING before GOAWAY
                     listener.shutdown()
                     serving.cancel_scope.deadline = trio.current_time() + SHUTDOWN_DRAIN_S
                 log.info("connections closed; stopping jobs")
