@@ -18,7 +18,7 @@ import trio
 from jobworker.cgroups.base import DEFAULT_PIDS_MAX, ResourceController
 from jobworker.cgroups.null import NullController
 from jobworker.engine.job import SHUTDOWN_REASON, STOP_GRACE_S, STOPPED_REASON, Job
-from jobworker.engine.model import JobRecord, JobSpec, JobStatus, utc_now
+from jobworker.engine.model import JobRecord, JobSpec, JobStatus, Usage, utc_now
 from jobworker.engine.output import OutputLog, OutputReader
 from jobworker.engine.reaping import Reaper
 from jobworker.engine.spec import job_environment, resolve_command, validate_spec
@@ -159,6 +159,18 @@ class JobManager:
     def output_size(self, job_id: str) -> int:
         """Bytes of output the job has written so far. Raises JobNotFound."""
         return self._job(job_id).output.length
+
+    def usage(self, job_id: str) -> Usage | None:
+        """A RUNNING job's resource usage, read from its cgroup now (None when the job is not
+        running, has no cgroup, or its cgroup just went away). Raises JobNotFound."""
+        job = self._job(job_id)
+        cgroup = job._cgroup
+        if job.status is not JobStatus.RUNNING or cgroup is None:
+            return None
+        try:
+            return cgroup.usage()
+        except OSError:  # the job ended meanwhile and its cgroup was removed
+            return None
 
     def _shutdown(self) -> None:
         self._closing = True

@@ -18,12 +18,14 @@ import os
 import signal
 import ssl
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import anyio
 import anyio.abc
 import trio
+from prometheus_client import generate_latest
 
 from jobworker.cgroups.detect import detect_controller
 from jobworker.cgroups.reaper import Reaper
@@ -32,6 +34,8 @@ from jobworker.server.config import ServerConfig
 from jobworker.server.handler import ConnectionHandler, MethodTable
 from jobworker.server.health import Health
 from jobworker.server.listener import Listener, format_address
+from jobworker.server.metrics import ObservedManager, ServerMetrics, cgroups_label
+from jobworker.server.metrics_http import open_metrics_server
 from jobworker.server.reflection import Reflection
 from jobworker.server.service import SERVICE_NAME, JobService
 
@@ -43,6 +47,7 @@ SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 DEBUG_SIGNAL = signal.SIGUSR1  # logs task and connection counts (used by the tests)
 CGROUP_CLEANUP_S = 5.0  # bound on removing our (empty) cgroup subtree at shutdown
 CGROUP_ROOT = "jobworker"  # job cgroups: <own cgroup>/jobworker/<instance>/<job id>
+ISOLATION = "none"  # jobs share the host's namespaces (reported in jobworker_info)
 
 
 def method_table(jobs: JobService, health: Health) -> MethodTable:
@@ -148,6 +153,7 @@ async def serve(
             reaper = Reaper()
             reaper.enable()
             await root.start(reaper.run)
+            loading_since = time.time()  # records marked LOST from here on are this start's
             async with open_job_manager(
                 config.data_dir,
                 controller=controller,
@@ -156,8 +162,15 @@ async def serve(
                 pids_max=config.pids_max,
             ) as manager:
                 health = Health()
+                metrics = None
+                jobs = JobService(manager)
+                if config.metrics_listen is not None:  # else nothing is counted: no cost
+                    metrics = ServerMetrics(cgroups=cgroups_label(controller), isolation=ISOLATION)
+                    jobs = JobService(ObservedManager(manager, metrics).as_manager())
                 handler = ConnectionHandler(
-                    method_table(JobService(manager), health), config.limits
+                    method_table(jobs, health),
+                    config.limits,
+                    metrics.observe_rpc if metrics is not None else None,
                 )
                 try:
                     tcp = await anyio.create_tcp_listener(
@@ -175,6 +188,17 @@ async def serve(
                     max_connections=config.max_connections,
                 )
                 listener_box.append(listener)
+                if metrics is not None and config.metrics_listen is not None:
+                    metrics.watch_state(
+                        manager, listener, data_dir=config.data_dir, since=loading_since
+                    )
+                    registry = metrics.registry
+                    metrics_server = await open_metrics_server(
+                        *config.metrics_listen, lambda: generate_latest(registry)
+                    )
+                    root.start_soon(metrics_server.serve)
+                    where = format_address(*metrics_server.address)
+                    print(f"metrics on {where}", file=sys.stderr, flush=True)
                 async with trio.open_nursery() as serving:
                     await serving.start(listener.serve)
                     host, port = listener.address

@@ -55,3 +55,4 @@ class ServerConfig:
     pids_max: int = DEFAULT_PIDS_MAX
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    metrics_listen: tuple[str, int] | None = None  # Prometheus /metrics address; None: off
