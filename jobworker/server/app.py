@@ -58,6 +58,17 @@ def method_table(jobs: JobService, health: Health) -> MethodTable:
     return table
 
 
+async def _serve_metrics(
+    nursery: trio.Nursery, address: tuple[str, int], metrics: ServerMetrics
+) -> None:
+    """Bind the metrics address, serve it from ``nursery``, print ``metrics on HOST:PORT``.
+    Raises MetricsListenError."""
+    registry = metrics.registry
+    server = await open_metrics_server(*address, lambda: generate_latest(registry))
+    nursery.start_soon(server.serve)
+    print(f"metrics on {format_address(*server.address)}", file=sys.stderr, flush=True)
+
+
 class ListenError(Exception):
     """Raised when the --listen address cannot be bound (in use, not ours, unresolvable)."""
 
@@ -162,15 +173,18 @@ async def serve(
                 pids_max=config.pids_max,
             ) as manager:
                 health = Health()
-                metrics = None
-                jobs = JobService(manager)
-                if config.metrics_listen is not None:  # else nothing is counted: no cost
-                    metrics = ServerMetrics(cgroups=cgroups_label(controller), isolation=ISOLATION)
-                    jobs = JobService(ObservedManager(manager, metrics).as_manager())
+                metrics = (  # without --metrics-listen nothing is counted: no cost per RPC
+                    ServerMetrics(cgroups=cgroups_label(controller), isolation=ISOLATION)
+                    if config.metrics_listen is not None
+                    else None
+                )
+                served = (
+                    manager if metrics is None else ObservedManager(manager, metrics).as_manager()
+                )
                 handler = ConnectionHandler(
-                    method_table(jobs, health),
+                    method_table(JobService(served), health),
                     config.limits,
-                    metrics.observe_rpc if metrics is not None else None,
+                    None if metrics is None else metrics.observe_rpc,
                 )
                 try:
                     tcp = await anyio.create_tcp_listener(
@@ -192,13 +206,7 @@ async def serve(
                     metrics.watch_state(
                         manager, listener, data_dir=config.data_dir, since=loading_since
                     )
-                    registry = metrics.registry
-                    metrics_server = await open_metrics_server(
-                        *config.metrics_listen, lambda: generate_latest(registry)
-                    )
-                    root.start_soon(metrics_server.serve)
-                    where = format_address(*metrics_server.address)
-                    print(f"metrics on {where}", file=sys.stderr, flush=True)
+                    await _serve_metrics(root, config.metrics_listen, metrics)
                 async with trio.open_nursery() as serving:
                     await serving.start(listener.serve)
                     host, port = listener.address
