@@ -271,3 +271,28 @@ def test_urllib_sees_404_elsewhere(metered: ServerProc) -> None:
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(f"http://{metrics_address(metered)}/", timeout=TIMEOUT)
     assert info.value.code == 404
+
+
+def test_a_reader_that_falls_behind_is_counted_as_a_catch_up(
+    metered: ServerProc, admin: worker_pb2_grpc.JobServiceStub
+) -> None:
+    size = 64 * 1024 * 1024  # far more than HTTP/2 windows and the reader's live buffer
+    job = admin.CreateJob(
+        worker_pb2.CreateJobReq(command="head", args=["-c", str(size), "/dev/zero"]),
+        timeout=TIMEOUT,
+    )
+    stream = admin.GetJobsStream(worker_pb2.GetJobsStreamReq(id=job.id), timeout=60)
+    received = len(next(stream).payload)
+    # Stop reading until the job has ended: the pump runs ahead of this reader.
+    deadline = time.monotonic() + 60
+    while admin.GetJob(worker_pb2.GetJobReq(id=job.id), timeout=TIMEOUT).status == "RUNNING":
+        assert time.monotonic() < deadline, "the job did not end"
+        time.sleep(0.05)
+    received += sum(len(chunk.payload) for chunk in stream)
+    assert received == size
+    samples = scrape_until(
+        metrics_address(metered), lambda s: value(s, "jobworker_streams_active") == 0
+    )
+    assert (value(samples, "jobworker_stream_catch_ups_total") or 0) >= 1
+    assert value(samples, "jobworker_stream_bytes_total") == size
+    assert value(samples, "jobworker_output_bytes_total") == size
