@@ -26,7 +26,7 @@ from jobworker.engine.job import (
     STOPPED_REASON,
     Job,
 )
-from jobworker.engine.model import JobRecord, JobSpec, JobStatus, utc_now
+from jobworker.engine.model import JobRecord, JobSpec, JobStatus, Usage, utc_now
 from jobworker.engine.output import OutputLog, OutputReader
 from jobworker.engine.reaping import Reaper
 from jobworker.engine.spec import job_environment, resolve_command, validate_spec
@@ -232,6 +232,18 @@ class JobManager:
         free, _ = await trio.to_thread.run_sync(self._store.free_bytes)
         if free >= self._min_free_disk:
             await trio.to_thread.run_sync(self._store.reserve.ensure)
+
+    def usage(self, job_id: str) -> Usage | None:
+        """A RUNNING job's resource usage, read from its cgroup now (None when the job is not
+        running, has no cgroup, or its cgroup just went away). Raises JobNotFound."""
+        job = self._job(job_id)
+        cgroup = job._cgroup
+        if job.status is not JobStatus.RUNNING or cgroup is None:
+            return None
+        try:
+            return cgroup.usage()
+        except OSError:  # the job ended meanwhile and its cgroup was removed
+            return None
 
     def _shutdown(self) -> None:
         self._closing = True

@@ -18,6 +18,7 @@ import os
 import signal
 import ssl
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -25,15 +26,20 @@ import anyio
 import anyio.abc
 import trio
 from anyio.streams.stapled import MultiListener
+from prometheus_client import generate_latest
 
 from jobworker.cgroups.base import ResourceController
 from jobworker.cgroups.detect import detect_controller
 from jobworker.cgroups.reaper import Reaper
 from jobworker.engine import open_job_manager
 from jobworker.server.config import ServerConfig
-from jobworker.server.handler import ConnectionHandler
+from jobworker.server.handler import ConnectionHandler, MethodTable
+from jobworker.server.health import Health
 from jobworker.server.listener import Listener, format_address
-from jobworker.server.service import JobService
+from jobworker.server.metrics import ObservedManager, ServerMetrics, cgroups_label
+from jobworker.server.metrics_http import open_metrics_server
+from jobworker.server.reflection import Reflection
+from jobworker.server.service import SERVICE_NAME, JobService
 
 log = logging.getLogger("jobworker.server")
 
@@ -43,6 +49,26 @@ SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 DEBUG_SIGNAL = signal.SIGUSR1  # logs task and connection counts (used by the tests)
 CGROUP_CLEANUP_S = 5.0  # bound on removing our (empty) cgroup subtree at shutdown
 CGROUP_ROOT = "jobworker"  # job cgroups: <own cgroup>/jobworker/<instance>/<job id>
+ISOLATION = "none"  # jobs share the host's namespaces (reported in jobworker_info)
+
+
+def method_table(jobs: JobService, health: Health) -> MethodTable:
+    """Every RPC the server answers: the job service, health, and reflection of them all."""
+    table: MethodTable = {(SERVICE_NAME, name): m for name, m in jobs.methods().items()}
+    table.update(health.methods())
+    table.update(Reflection(service for service, _ in table).methods())
+    return table
+
+
+async def _serve_metrics(
+    nursery: trio.Nursery, address: tuple[str, int], metrics: ServerMetrics
+) -> None:
+    """Bind the metrics address, serve it from ``nursery``, print ``metrics on HOST:PORT``.
+    Raises MetricsListenError."""
+    registry = metrics.registry
+    server = await open_metrics_server(*address, lambda: generate_latest(registry))
+    nursery.start_soon(server.serve)
+    print(f"metrics on {format_address(*server.address)}", file=sys.stderr, flush=True)
 
 
 class ListenError(Exception):
@@ -169,6 +195,7 @@ async def serve(
             reaper = Reaper()
             reaper.enable()
             await root.start(reaper.run)
+            loading_since = time.time()  # records marked LOST from here on are this start's
             async with open_job_manager(
                 config.data_dir,
                 controller=controller,
@@ -177,8 +204,21 @@ async def serve(
                 pids_max=config.pids_max,
                 min_free_disk=config.min_free_disk,
             ) as manager:
-                service = JobService(manager, max_message_bytes=config.limits.max_message_bytes)
-                handler = ConnectionHandler(service.methods(), config.limits)
+                health = Health()
+                metrics = (  # without --metrics-listen nothing is counted: no cost per RPC
+                    ServerMetrics(cgroups=cgroups_label(controller), isolation=ISOLATION)
+                    if config.metrics_listen is not None
+                    else None
+                )
+                served = (
+                    manager if metrics is None else ObservedManager(manager, metrics).as_manager()
+                )
+                service = JobService(served, max_message_bytes=config.limits.max_message_bytes)
+                handler = ConnectionHandler(
+                    method_table(service, health),
+                    config.limits,
+                    None if metrics is None else metrics.observe_rpc,
+                )
                 sockets = [s for s in tcp.listeners if isinstance(s, anyio.abc.SocketListener)]
                 listener = Listener(
                     sockets,
@@ -188,12 +228,19 @@ async def serve(
                     max_connections=config.max_connections,
                 )
                 listener_box.append(listener)
+                if metrics is not None and config.metrics_listen is not None:
+                    metrics.watch_state(
+                        manager, listener, data_dir=config.data_dir, since=loading_since
+                    )
+                    await _serve_metrics(root, config.metrics_listen, metrics)
                 async with trio.open_nursery() as serving:
                     await serving.start(listener.serve)
                     host, port = listener.address
+                    health.set_serving()
                     print(f"listening on {format_address(host, port)}", file=sys.stderr, flush=True)
                     task_status.started((host, port))
                     await shutdown.wait()
+                    await health.shut_down()  # watchers hear NOT_SERVING before GOAWAY
                     listener.shutdown()
                     serving.cancel_scope.deadline = trio.current_time() + SHUTDOWN_DRAIN_S
                 log.info("connections closed; stopping jobs")

@@ -56,3 +56,4 @@ class ServerConfig:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     min_free_disk: int | None = None  # None: the engine's default for the data disk
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    metrics_listen: tuple[str, int] | None = None  # Prometheus /metrics address; None: off

@@ -3,7 +3,7 @@ and audited here.
 
 This replaces purerpc's ConnectionHandler (both of its methods would be overridden, so it
 is not subclassed); it drives our ServerSocket (transport.py). Per RPC, in this order:
-service/method lookup (UNIMPLEMENTED), the role table (PERMISSION_DENIED, before anything
+(service, method) lookup (UNIMPLEMENTED), the role table (PERMISSION_DENIED, before anything
 else runs), request parsing (RESOURCE_EXHAUSTED / INVALID_ARGUMENT), the servicer call, the
 status. Each RPC runs in its own cancel scope, cancelled by the client's RST_STREAM, by
 its grpc-timeout (DEADLINE_EXCEEDED) or by the server closing the connection (UNAVAILABLE).
@@ -15,6 +15,7 @@ import contextlib
 import logging
 import math
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import anyio
@@ -26,11 +27,11 @@ from purerpc.grpclib.events import MessageReceived, RequestEnded, RequestReceive
 from purerpc.grpclib.status import Status, StatusCode
 
 from jobworker import logtext
-from jobworker.server.auth import authorize, operation_name
+from jobworker.server.auth import authorize, operation_name, rule_for
 from jobworker.server.config import ConnectionLimits
 from jobworker.server.errors import RpcError, status_for, unwrap
 from jobworker.server.identity import Identity
-from jobworker.server.service import SERVICE_NAME, Method
+from jobworker.server.service import Method
 from jobworker.server.tls import Peer
 from jobworker.server.transport import BadRequestMessage, ServerSocket, ServerStream
 
@@ -52,11 +53,19 @@ TRANSPORT_ERRORS = (
 )
 
 
+# (service, method) as in the gRPC path -> what serves it.
+MethodTable = dict[tuple[str, str], Method]
+# Told of every RPC's end: (service, method, code, seconds). Unknown methods come as "?".
+RpcObserver = Callable[[str, str, StatusCode, float], None]
+
+
 @dataclass
 class CallRecord:
     """What the audit line says about one RPC."""
 
     method: str
+    service: str = ""
+    known: bool = False  # (service, method) is in the method table
     job_id: str = ""
     code: StatusCode = StatusCode.CANCELLED  # until proven otherwise (connection lost)
 
@@ -64,9 +73,15 @@ class CallRecord:
 class ConnectionHandler:
     """Serves the RPCs of one connection. One instance serves every connection."""
 
-    def __init__(self, methods: dict[str, Method], limits: ConnectionLimits) -> None:
+    def __init__(
+        self,
+        methods: MethodTable,
+        limits: ConnectionLimits,
+        observe_rpc: RpcObserver | None = None,
+    ) -> None:
         self._methods = methods
         self._limits = limits
+        self._observe_rpc = observe_rpc
         self._config = GRPCConfiguration(
             client_side=False, max_message_length=limits.max_message_bytes
         )
@@ -159,6 +174,7 @@ class ConnectionHandler:
             first = await stream.next_event()  # RequestReceived: queued before this task started
             assert isinstance(first, RequestReceived)
             call.method = first.method_name
+            call.service = first.service_name
             status: Status | None = None
             with trio.CancelScope() as rpc_scope:
                 stream.cancel_scope = rpc_scope
@@ -185,7 +201,11 @@ class ConnectionHandler:
                     await stream.close(status)
         finally:
             sock.forget(stream)
-            _audit(identity, call, trio.current_time() - started)
+            elapsed = trio.current_time() - started
+            _audit(identity, call, elapsed)
+            if self._observe_rpc is not None:
+                service, method = (call.service, call.method) if call.known else ("?", "?")
+                self._observe_rpc(service, method, call.code, elapsed)
 
     async def _call(
         self, stream: ServerStream, request: RequestReceived, identity: Identity, call: CallRecord
@@ -196,15 +216,20 @@ class ConnectionHandler:
         """
         try:
             method = self._lookup(request)
-            authorize(identity, request.method_name)
-            message = await self._read_request(stream, method.request_type)
-            call.job_id = str(getattr(message, "id", ""))
+            call.known = True
+            authorize(identity, request.service_name, request.method_name)
+            receive = self._receiver(stream, method.request_type)
 
             async def send(response: Message) -> None:
                 if not stream.response_started:
                     await stream.start_response()
                 await stream.send_message(response)
 
+            if method.bidi is not None:
+                await method.bidi(receive, send)
+                return Status(StatusCode.OK)
+            message = await _one_request(receive)
+            call.job_id = str(getattr(message, "id", ""))
             if method.unary is not None:
                 response = await method.unary(message)
                 call.job_id = call.job_id or str(getattr(response, "id", ""))
@@ -216,42 +241,58 @@ class ConnectionHandler:
             return status_for(exc)
 
     def _lookup(self, request: RequestReceived) -> Method:
-        method = self._methods.get(request.method_name)
-        if request.service_name != SERVICE_NAME or method is None:
+        method = self._methods.get((request.service_name, request.method_name))
+        if method is None:
             raise RpcError(
                 StatusCode.UNIMPLEMENTED,
                 f"unknown method {request.service_name}/{request.method_name}",
             )
         return method
 
-    async def _read_request(self, stream: ServerStream, request_type: type[Message]) -> Message:
-        """The single request message of a unary-request RPC.
+    def _receiver(
+        self, stream: ServerStream, request_type: type[Message]
+    ) -> Callable[[], Awaitable[Message | None]]:
+        """``receive()``: the next request message of ``stream``, None once the client has
+        ended its requests.
 
-        Bounded by the idle timeout: a client that opens a stream and never finishes its
-        request would otherwise hold the handler, and its connection, forever."""
-        data: bytes | None = None
-        with trio.move_on_after(self._limits.idle_timeout) as request_scope:
-            while True:
-                event = await stream.next_event()
-                if isinstance(event, BadRequestMessage):
-                    raise RpcError(event.code, event.message)
-                if isinstance(event, MessageReceived):
-                    if data is not None:
-                        raise RpcError(StatusCode.INVALID_ARGUMENT, "expected one request message")
-                    data = event.data
-                elif isinstance(event, RequestEnded):
-                    break
-        if request_scope.cancelled_caught:
-            raise RpcError(
-                StatusCode.DEADLINE_EXCEEDED,
-                f"request not received within {self._limits.idle_timeout:g}s",
-            )
-        if data is None:
-            raise RpcError(StatusCode.INVALID_ARGUMENT, "expected one request message")
-        try:
-            return request_type.FromString(data)
-        except DecodeError:
-            raise RpcError(StatusCode.INVALID_ARGUMENT, "malformed request message") from None
+        Each wait is bounded by the idle timeout: a client that opens a stream and never
+        finishes its request would otherwise hold the handler, and its connection, forever."""
+        ended = False
+
+        async def receive() -> Message | None:
+            nonlocal ended
+            if ended:
+                return None
+            data: bytes | None = None
+            with trio.move_on_after(self._limits.idle_timeout) as request_scope:
+                while data is None:
+                    event = await stream.next_event()
+                    if isinstance(event, BadRequestMessage):
+                        raise RpcError(event.code, event.message)
+                    if isinstance(event, MessageReceived):
+                        data = event.data
+                    elif isinstance(event, RequestEnded):
+                        ended = True
+                        return None
+            if request_scope.cancelled_caught:
+                raise RpcError(
+                    StatusCode.DEADLINE_EXCEEDED,
+                    f"request not received within {self._limits.idle_timeout:g}s",
+                )
+            try:
+                return request_type.FromString(data)
+            except DecodeError:
+                raise RpcError(StatusCode.INVALID_ARGUMENT, "malformed request message") from None
+
+        return receive
+
+
+async def _one_request(receive: Callable[[], Awaitable[Message | None]]) -> Message:
+    """The single request message of a unary-request RPC (exactly one, then the end)."""
+    message = await receive()
+    if message is None or await receive() is not None:
+        raise RpcError(StatusCode.INVALID_ARGUMENT, "expected one request message")
+    return message
 
 
 def _closing_message(sock: ServerSocket) -> str:
@@ -267,14 +308,20 @@ _field = logtext.field
 
 
 def _audit(identity: Identity, call: CallRecord, elapsed: float) -> None:
-    level = logging.WARNING if call.code == StatusCode.PERMISSION_DENIED else logging.INFO
+    rule = rule_for(call.service, call.method)
+    if call.code == StatusCode.PERMISSION_DENIED:
+        level = logging.WARNING
+    elif rule is not None and rule.quiet:
+        level = logging.DEBUG
+    else:
+        level = logging.INFO
     audit_log.log(
         level,
         "rpc identity=%s role=%s method=%s op=%s job=%s outcome=%s duration_ms=%.1f",
         _field(identity.name),
         _field(identity.role_label),
         _field(call.method),
-        _field(operation_name(call.method)),
+        _field(operation_name(call.service, call.method)),
         _field(call.job_id) if call.job_id else "-",
         call.code.name,
         elapsed * 1000,

@@ -3,6 +3,7 @@ and one task per connection, all owned by ``Listener.serve``'s nursery."""
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import ssl
@@ -73,6 +74,7 @@ class Listener:
         self._last_refusal_log = -REFUSAL_LOG_INTERVAL_S
         self._refused_since_log = 0
         self.janitor = MemoryJanitor()
+        self.handshake_failures: collections.Counter[str] = collections.Counter()  # by kind
 
     @property
     def address(self) -> tuple[str, int]:
@@ -139,7 +141,13 @@ class Listener:
     async def _connection(self, transport: anyio.abc.SocketStream) -> None:
         remote = _remote(transport)
         try:
-            peer = await handshake(transport, self._ssl_context, self._handshake_timeout, remote)
+            peer = await handshake(
+                transport,
+                self._ssl_context,
+                self._handshake_timeout,
+                remote,
+                self.handshake_failures,
+            )
             if peer is None:
                 return
             log.debug(

@@ -26,6 +26,7 @@ from jobworker.engine.store import DataDirUnusable
 from jobworker.server import config as cfg
 from jobworker.server.app import DataDirBusy, ListenError, serve
 from jobworker.server.errors import unwrap
+from jobworker.server.metrics_http import MetricsListenError
 from jobworker.server.tls import CertificateError, build_server_context
 
 EXIT_CONFIG = 2  # argparse's code for usage errors; the same for every configuration problem
@@ -205,6 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="largest request message accepted (default %(default)s)",
     )
+    parser.add_argument(
+        "--metrics-listen",
+        type=parse_listen,
+        default=None,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics over plain HTTP at http://HOST:PORT/metrics (port 0 "
+        "picks one) (default: off)",
+    )
     return parser
 
 
@@ -226,6 +235,7 @@ def config_from_args(args: argparse.Namespace) -> cfg.ServerConfig:
             max_message_bytes=args.max_message_bytes,
             idle_timeout=args.idle_timeout,
         ),
+        metrics_listen=args.metrics_listen,
     )
 
 
@@ -286,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if isinstance(leaf, CgroupsUnavailable | DataDirBusy | DataDirUnusable):
             print(f"jobworker-server: {leaf}", file=sys.stderr)
             sys.exit(EXIT_CONFIG)
-        if isinstance(leaf, ListenError):
+        if isinstance(leaf, ListenError | MetricsListenError):
             print(f"jobworker-server: {leaf}", file=sys.stderr)
             sys.exit(EXIT_RUNTIME)
         _log.critical("server failed", exc_info=exc)

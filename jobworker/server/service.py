@@ -25,15 +25,20 @@ EXIT_CODE_UNKNOWN = -1  # no process exits with it: exit statuses are 0-255 (REA
 SendMessage = Callable[[Message], Awaitable[None]]
 UnaryCall = Callable[[Any], Awaitable[Message]]
 StreamCall = Callable[[Any, SendMessage], Awaitable[None]]
+# A bidirectional call: receive() returns the next request, None once the client is done.
+ReceiveMessage = Callable[[], Awaitable[Message | None]]
+BidiCall = Callable[[ReceiveMessage, SendMessage], Awaitable[None]]
 
 
 @dataclass(frozen=True)
 class Method:
-    """One RPC: its request type and either a unary call or a server-streaming call."""
+    """One RPC: its request type and one of a unary call, a server-streaming call, or a
+    bidirectional call (a stream of requests, a stream of responses)."""
 
     request_type: type[Message]
     unary: UnaryCall | None = None
     stream: StreamCall | None = None
+    bidi: BidiCall | None = None
 
 
 def job_fields(record: JobRecord) -> dict[str, Any]:

@@ -4,6 +4,7 @@ and the handshake with a deadline, which yields the stream and the caller's Iden
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import ssl
@@ -120,17 +121,31 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or exc.__class__.__name__
 
 
+def failure_kind(exc: BaseException) -> str:
+    """A failed handshake, in a few words fit for a metric label."""
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return "bad_certificate"
+    if isinstance(exc, ssl.SSLError):
+        no_cert = (exc.reason or "").startswith("PEER_DID_NOT_RETURN_A_CERTIFICATE")
+        return "no_certificate" if no_cert else "tls_error"
+    return "closed"
+
+
 async def handshake(
     transport: anyio.abc.SocketStream,
     context: ssl.SSLContext,
     timeout: float,  # noqa: ASYNC109 (a per-connection setting, applied inside)
     remote: str,
+    failures: collections.Counter[str] | None = None,
 ) -> Peer | None:
     """Run the server side of the TLS handshake on ``transport`` within ``timeout`` seconds.
 
     Returns the Peer, or None after logging one line (no traceback) and closing the
     transport when the handshake fails, times out, or the client presented no usable
-    certificate. On cancellation the transport is closed and Cancelled propagates.
+    certificate; ``failures[kind]`` (see failure_kind) is then incremented. On
+    cancellation the transport is closed and Cancelled propagates.
     """
     try:
         with anyio.fail_after(timeout):
@@ -140,6 +155,8 @@ async def handshake(
     except (OSError, ssl.SSLError, anyio.EndOfStream, anyio.BrokenResourceError) as exc:
         # TimeoutError is an OSError; a client refused by CA / expiry / protocol lands here.
         log.warning("TLS handshake with %s failed: %s", remote, _describe(exc))
+        if failures is not None:
+            failures[failure_kind(exc)] += 1
         await anyio.aclose_forcefully(transport)
         return None
     except BaseException:
@@ -148,6 +165,8 @@ async def handshake(
     identity = identity_from_peer_cert(stream.extra(TLSAttribute.peer_certificate))  # noqa: S610
     if identity is None:  # cannot happen with CERT_REQUIRED; kept as a guard
         log.warning("TLS connection from %s without a client certificate: closed", remote)
+        if failures is not None:
+            failures["no_certificate"] += 1
         await anyio.aclose_forcefully(stream)
         return None
     return Peer(stream, identity)

@@ -12,8 +12,8 @@ import grpc
 import pytest
 
 from jobworker.api import worker_grpc, worker_pb2, worker_pb2_grpc
-from jobworker.server.auth import ROLE_TABLE
-from jobworker.server.service import JobService
+from jobworker.server.auth import JOB_SERVICE_RULES, ROLE_TABLE
+from jobworker.server.service import SERVICE_NAME, JobService
 
 if TYPE_CHECKING:
     from tests.conftest import TestPKI
@@ -58,8 +58,9 @@ def test_the_role_table_names_every_rpc_of_the_service() -> None:
     proto_rpcs = set(worker_pb2.DESCRIPTOR.services_by_name["JobService"].methods_by_name)
     generated = set(worker_grpc.JobServiceServicer().service.methods)
     assert proto_rpcs == generated == set(ALL_RPCS)
-    assert set(ROLE_TABLE) == proto_rpcs, "an RPC without a rule would be denied to everyone"
-    assert {name: rule.operation for name, rule in ROLE_TABLE.items()} == OPERATION
+    assert set(JOB_SERVICE_RULES) == proto_rpcs, "an RPC without a rule is denied to everyone"
+    assert {(SERVICE_NAME, name) for name in proto_rpcs} <= set(ROLE_TABLE)
+    assert {name: rule.operation for name, rule in JOB_SERVICE_RULES.items()} == OPERATION
     served = set(JobService(manager=None).methods())  # type: ignore[arg-type]
     assert served == proto_rpcs
 
