@@ -20,11 +20,12 @@ from tests.support import pid_alive
 from .helpers import py, read_all, sh, wait_output, wait_until
 from .test_driver_seam import FakeCgroup, FakeController
 
-# Prints when SIGTERM arrives (so a test knows the stop has begun), then ignores it.
+# Says when SIGTERM arrives (so a test knows the stop has begun), then ignores it. Raw
+# writes: a SIGTERM landing while print() holds stdout's lock would make print() reentrant.
 NOTE_TERM = (
-    "import signal, time\n"
-    "signal.signal(signal.SIGTERM, lambda *a: print('term', flush=True))\n"
-    "print('ready', flush=True)\n"
+    "import os, signal, time\n"
+    "signal.signal(signal.SIGTERM, lambda *a: os.write(1, b'term\\n'))\n"
+    "os.write(1, b'ready\\n')\n"
     "time.sleep(1000)\n"
 )
 
