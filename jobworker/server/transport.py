@@ -60,7 +60,7 @@ from purerpc.grpclib.exceptions import (
 )
 from purerpc.grpclib.status import StatusCode
 
-from jobworker.wire.connection import WireConnection
+from jobworker.wire.connection import H2Connection, WireConnection
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class PeerGoAway(Event):  # type: ignore[misc]
     """The client sent GOAWAY: it opens no new stream on this connection."""
 
 
-class _H2Connection(h2.connection.H2Connection):  # type: ignore[misc]
+class _H2Connection(H2Connection):
     """h2's connection, refusing an excess stream alone instead of killing the connection.
 
     h2 3.2 raises TooManyStreamsError (a connection error) when a HEADERS frame would exceed

@@ -1,10 +1,14 @@
 """The gRPC connection state machine that the server and the client both subclass.
 
 purerpc's ``GRPCConnection`` does the gRPC framing on h2's state machine; this class fixes, for
-both sides at once, what purerpc gets wrong on the wire. Today that is the ``grpc-message``
-trailer: purerpc escapes every reserved character (``:`` becomes ``%3A``), which Node clients
-show undecoded; here it is encoded exactly as the gRPC HTTP/2 protocol says, and decoded
-leniently.
+both sides at once, what purerpc and h2 get wrong on the wire:
+
+- the ``grpc-message`` trailer: purerpc escapes every reserved character (``:`` becomes
+  ``%3A``), which Node clients show undecoded; here it is encoded exactly as the gRPC HTTP/2
+  protocol says, and decoded leniently;
+- a GOAWAY received: h2 3.2 closes the whole connection state machine on it, so the frames
+  that still belong to streams the GOAWAY let finish (a graceful shutdown's final trailers)
+  become protocol errors. RFC 7540 6.8 lets those streams complete; here they do.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import h2.connection
 import h2.events
+from h2.errors import ErrorCodes
 from purerpc.grpclib.connection import GRPCConnection
 from purerpc.grpclib.events import ResponseEnded
 from purerpc.grpclib.headers import sanitize_headers
@@ -20,13 +26,34 @@ from purerpc.grpclib.status import Status
 
 from jobworker.wire.status import decode_grpc_message, encode_grpc_message
 
-__all__ = ["WireConnection"]
+__all__ = ["H2Connection", "WireConnection"]
+
+
+class H2Connection(h2.connection.H2Connection):  # type: ignore[misc]  # h2 3.2 is untyped
+    """h2's connection, except that a GOAWAY received leaves the streams it spares usable."""
+
+    def _receive_goaway_frame(self, frame: Any) -> Any:
+        event = h2.events.ConnectionTerminated()
+        try:
+            event.error_code = ErrorCodes(frame.error_code)
+        except ValueError:
+            event.error_code = frame.error_code
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
 
 
 class WireConnection(GRPCConnection):  # type: ignore[misc]  # purerpc is untyped
-    """purerpc's gRPC connection with the status trailers encoded and decoded correctly."""
+    """purerpc's gRPC connection with the status trailers encoded and decoded correctly, on
+    an :class:`H2Connection`."""
 
     h2_connection: Any
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.h2_connection = H2Connection(self.h2_connection.config)
+        self.h2_connection.clear_outbound_data_buffer()
+        self._set_h2_connection_local_settings()
 
     # -- sending: the status trailers -------------------------------------------------------
 
