@@ -17,7 +17,6 @@ import logging
 import os
 import signal
 import ssl
-import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from jobworker.engine import open_job_manager
 from jobworker.server.config import ServerConfig
 from jobworker.server.handler import ConnectionHandler
 from jobworker.server.listener import Listener, format_address
+from jobworker.server.logs import announce
 from jobworker.server.service import JobService
 
 log = logging.getLogger("jobworker.server")
@@ -165,7 +165,7 @@ async def serve(
                 async with trio.open_nursery() as serving:
                     await serving.start(listener.serve)
                     host, port = listener.address
-                    print(f"listening on {format_address(host, port)}", file=sys.stderr, flush=True)
+                    announce(f"listening on {format_address(host, port)}")
                     task_status.started((host, port))
                     await shutdown.wait()
                     listener.shutdown()

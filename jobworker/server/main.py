@@ -11,10 +11,8 @@ import argparse
 import logging
 import resource
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import trio
@@ -24,33 +22,13 @@ from jobworker.cgroups.detect import CgroupsUnavailable
 from jobworker.server import config as cfg
 from jobworker.server.app import DataDirBusy, ListenError, serve
 from jobworker.server.errors import unwrap
+from jobworker.server.logs import setup_logging
 from jobworker.server.tls import CertificateError, build_server_context
 
 EXIT_CONFIG = 2  # argparse's code for usage errors; the same for every configuration problem
 EXIT_RUNTIME = 1
 
 Address = tuple[str, int]
-ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]
-
-
-class OneLineFormatter(logging.Formatter):
-    """``<UTC timestamp> <LEVEL> <logger> <message>``, always one line per record (a
-    traceback is folded onto the same line with `` | `` separators)."""
-
-    def converter(self, timestamp: float | None) -> time.struct_time:
-        return time.gmtime(timestamp)
-
-    def __init__(self) -> None:
-        super().__init__(
-            "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s %(message)s",
-            datefmt="%Y-%m-%dT%H:%M:%S",
-        )
-
-    def formatException(self, ei: ExcInfo) -> str:
-        return " | ".join(super().formatException(ei).splitlines())
-
-    def format(self, record: logging.LogRecord) -> str:
-        return " | ".join(super().format(record).splitlines())
 
 
 def parse_listen(value: str) -> Address:
@@ -214,17 +192,6 @@ def config_from_args(args: argparse.Namespace) -> cfg.ServerConfig:
             idle_timeout=args.idle_timeout,
         ),
     )
-
-
-def setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(OneLineFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    # h2 and hpack log every frame at DEBUG: far too much even for --log-level DEBUG.
-    for noisy in ("h2", "hpack", "purerpc"):
-        logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLevelName(level)))
 
 
 # Each connection holds one descriptor, each running job about four (pipe, pidfd, OOM eventfd,
