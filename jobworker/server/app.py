@@ -1,21 +1,20 @@
 """serve(): the server's root. Its nursery owns the signal watcher, the orphan reaper, the job
 manager's nursery of jobs and the listener with one task per connection.
 
-Shutdown (first SIGINT/SIGTERM): stop accepting; every connection sends GOAWAY and its RPCs
-end with UNAVAILABLE (streams included); after SHUTDOWN_DRAIN_S whatever is left is
+Shutdown (SIGINT/SIGTERM, see signals.py): stop accepting; every connection sends GOAWAY and
+its RPCs end with UNAVAILABLE (streams included); after SHUTDOWN_DRAIN_S whatever is left is
 cancelled; then the job manager stops every running job through the engine's stop path and
-persists the records. A second signal exits at once (jobs left running are swept by the
-next start).
+persists the records. Further signals do not cut this short: no job is left behind.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import logging
 import os
-import signal
 import ssl
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -32,13 +31,11 @@ from jobworker.server.handler import ConnectionHandler
 from jobworker.server.listener import Listener, format_address
 from jobworker.server.logs import announce
 from jobworker.server.service import JobService
+from jobworker.server.signals import open_server_signals, watch_signals
 
 log = logging.getLogger("jobworker.server")
 
 SHUTDOWN_DRAIN_S = 3.0  # connections get this long to tell their clients before being cut
-FORCED_EXIT_CODE = 130  # second signal: exit without cleanup (like an interrupted shell)
-SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-DEBUG_SIGNAL = signal.SIGUSR1  # logs task and connection counts (used by the tests)
 CGROUP_CLEANUP_S = 5.0  # bound on removing our (empty) cgroup subtree at shutdown
 CGROUP_ROOT = "jobworker"  # job cgroups: <own cgroup>/jobworker/<instance>/<job id>
 
@@ -93,25 +90,6 @@ def count_tasks() -> int:
     return total
 
 
-async def _watch_signals(
-    signals: AsyncIterator[int],
-    shutdown: trio.Event,
-    listener_box: list[Listener],
-) -> None:
-    async for signum in signals:
-        name = signal.Signals(signum).name
-        if signum == DEBUG_SIGNAL:
-            connections = listener_box[0].connections if listener_box else 0
-            log.info("debug: tasks=%d connections=%d", count_tasks(), connections)
-        elif not shutdown.is_set():
-            log.info("%s received: shutting down (a second signal forces exit)", name)
-            shutdown.set()
-        else:
-            log.warning("%s received again: exiting now, without cleanup", name)
-            logging.shutdown()
-            os._exit(FORCED_EXIT_CODE)
-
-
 async def serve(
     config: ServerConfig,
     ssl_context: ssl.SSLContext,
@@ -127,14 +105,24 @@ async def serve(
     listener_box: list[Listener] = []
     with (
         lock_data_dir(config.data_dir),
-        trio.open_signal_receiver(*SHUTDOWN_SIGNALS, DEBUG_SIGNAL) as signals,
+        open_server_signals() as signals,
     ):
         controller = detect_controller(
             config.cgroups, pids_max=config.pids_max, root_name=instance_name(config.data_dir)
         )
         async with trio.open_nursery() as root:
             shutdown = trio.Event()
-            root.start_soon(_watch_signals, signals, shutdown, listener_box)
+
+            def debug() -> str:
+                connections = listener_box[0].connections if listener_box else 0
+                return f"tasks={count_tasks()} connections={connections}"
+
+            def reload() -> None:
+                log.info("nothing to reload")
+
+            root.start_soon(
+                functools.partial(watch_signals, reload=reload, debug=debug), signals, shutdown
+            )
             reaper = Reaper()
             reaper.enable()
             await root.start(reaper.run)
