@@ -16,7 +16,7 @@ import hashlib
 import logging
 import os
 import ssl
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
