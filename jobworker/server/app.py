@@ -26,7 +26,7 @@ import trio
 from jobworker.cgroups.detect import detect_controller
 from jobworker.cgroups.reaper import Reaper
 from jobworker.engine import open_job_manager
-from jobworker.server.config import ServerConfig
+from jobworker.server.config import ServerConfig, StartupError
 from jobworker.server.handler import ConnectionHandler
 from jobworker.server.listener import Listener, format_address
 from jobworker.server.logs import announce
@@ -40,12 +40,16 @@ CGROUP_CLEANUP_S = 5.0  # bound on removing our (empty) cgroup subtree at shutdo
 CGROUP_ROOT = "jobworker"  # job cgroups: <own cgroup>/jobworker/<instance>/<job id>
 
 
-class ListenError(Exception):
+class ListenError(StartupError):
     """Raised when the --listen address cannot be bound (in use, not ours, unresolvable)."""
 
 
-class DataDirBusy(Exception):
+class DataDirBusy(StartupError):
     """Raised when another server already runs on the same --data-dir."""
+
+
+class DataDirUnusable(StartupError):
+    """Raised when the --data-dir cannot be created or its lock file not opened."""
 
 
 def instance_name(data_dir: Path) -> str:
@@ -61,9 +65,13 @@ def instance_name(data_dir: Path) -> str:
 
 @contextlib.contextmanager
 def lock_data_dir(data_dir: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``<data-dir>/.lock`` while serving (DataDirBusy if taken)."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(data_dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    """Hold an exclusive lock on ``<data-dir>/.lock`` while serving (DataDirBusy if taken,
+    DataDirUnusable if the directory or the lock file cannot be made)."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(data_dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise DataDirUnusable(f"cannot use data dir {data_dir}: {exc.strerror or exc}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

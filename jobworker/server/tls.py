@@ -13,6 +13,7 @@ import anyio
 import anyio.abc
 from anyio.streams.tls import TLSAttribute, TLSStream
 
+from jobworker.server.config import StartupError
 from jobworker.server.identity import Identity, identity_from_peer_cert
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ SERVER_KEY_FILE = "server-key.pem"
 ALPN_H2 = "h2"  # grpcio and grpc-go refuse a TLS server that does not select h2
 
 
-class CertificateError(Exception):
+class CertificateError(StartupError):
     """Raised when the server's certificate files are missing, unreadable or invalid.
 
     The message is one line for the operator (the server exits 2 with it).
