@@ -161,7 +161,7 @@ async def serve(
                 async with trio.open_nursery() as serving:
                     await serving.start(listener.serve)
                     host, port = listener.address
-                    announce(f"listening on {format_address(host, port)}")
+                    announce(f"listening on {format_address(host, port)}", "listening")
                     task_status.started((host, port))
                     await shutdown.wait()
                     listener.shutdown()

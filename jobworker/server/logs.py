@@ -106,9 +106,14 @@ def setup_logging(level: str, log_format: LogFormat = "text") -> None:
     _handler = handler
 
 
-def announce(line: str) -> None:
-    """Write ``line`` as it is to the log's stream (after the records before it)."""
+def announce(line: str, event: str = "announce", level: int = logging.INFO) -> None:
+    """Write ``line`` to the log's stream after the records before it: as it is in the text
+    format (``listening on HOST:PORT``), as an object with ``event`` in the JSON format."""
     if _handler is None:
         print(line, file=sys.stderr, flush=True)
+    elif isinstance(_handler.formatter, JsonFormatter):
+        record = logging.LogRecord("jobworker.server", level, __file__, 0, line, None, None)
+        record.event = event
+        _handler.handle(record)
     else:
         _handler.write_raw(line)

@@ -277,7 +277,7 @@ def raise_fd_limit(max_connections: int) -> None:
 
 def _fail(message: str) -> NoReturn:
     """One line on stderr (after any queued log lines), exit 2."""
-    announce(f"{PROG}: {message}")
+    announce(f"{PROG}: {message}", "start_failed", logging.ERROR)
     sys.exit(EXIT_CONFIG)
 
 

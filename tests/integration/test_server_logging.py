@@ -14,12 +14,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
+import pytest
 
 from jobworker.api import worker_pb2, worker_pb2_grpc
 from tests.support import descendants, grpc_credentials, pid_alive, server_command
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from tests.conftest import TestPKI
+    from tests.integration.conftest import ServerFactory
+
+    Credentials = Callable[[str], grpc.ChannelCredentials]
 
 RPCS = 5000
 CLIENTS = 4
@@ -137,3 +143,54 @@ def _comm(pid: int) -> str:
         return Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
         return ""
+
+
+AUDIT_FIELDS = {"time", "level", "event", "job", "identity", "role", "method", "outcome"}
+
+
+def test_json_log_lines_all_parse_and_an_audit_line_has_every_field(
+    server_factory: ServerFactory, grpc_credentials_for: Credentials
+) -> None:
+    with server_factory("--log-format", "json") as srv:
+        with grpc.secure_channel(srv.address, grpc_credentials_for("admin-client")) as channel:
+            stub = worker_pb2_grpc.JobServiceStub(channel)
+            job = stub.CreateJob(worker_pb2.CreateJobReq(command="true"), timeout=10)
+            stub.GetJob(worker_pb2.GetJobReq(id=job.id), timeout=10)
+        with grpc.secure_channel(srv.address, grpc_credentials_for("viewer-client")) as channel:
+            viewer = worker_pb2_grpc.JobServiceStub(channel)
+            with pytest.raises(grpc.RpcError):
+                viewer.StopJob(worker_pb2.StopJobReq(id=job.id), timeout=10)
+        srv.stop()
+    lines = [json.loads(line) for line in srv.log_text().splitlines()]
+    assert all({"time", "level", "event"} <= set(line) for line in lines)
+    assert all(
+        re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["time"]) for line in lines
+    )
+    [listening] = [line for line in lines if line["event"] == "listening"]
+    assert listening["message"] == f"listening on {srv.address}"
+    audits = [line for line in lines if line["event"] == "rpc"]
+    [get] = [a for a in audits if a["method"] == "GetJob"]
+    assert AUDIT_FIELDS | {"duration_ms", "peer"} <= set(get)
+    assert (get["identity"], get["role"], get["job"], get["outcome"]) == (
+        "admin", "admin", job.id, "OK",
+    )  # fmt: skip
+    assert isinstance(get["duration_ms"], float)
+    assert re.fullmatch(r"127\.0\.0\.1:\d+", get["peer"])
+    [denied] = [a for a in audits if a["method"] == "StopJob"]
+    assert (denied["level"], denied["role"], denied["outcome"]) == (
+        "WARNING", "viewer", "PERMISSION_DENIED",
+    )  # fmt: skip
+    ended = [line for line in lines if line.get("job") == job.id and line["event"] != "rpc"]
+    assert ended, "the engine's lines about the job carry its id"
+
+
+def test_a_start_failure_in_json_format_is_one_json_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*server_command(tmp_path / "nocerts", tmp_path / "data"), "--log-format", "json"],
+        capture_output=True, text=True, timeout=30, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    failure = json.loads(line)
+    assert (failure["level"], failure["event"]) == ("ERROR", "start_failed")
+    assert failure["message"].startswith("jobworker-server: cannot read ")
