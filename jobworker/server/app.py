@@ -30,8 +30,10 @@ from jobworker.server.config import ServerConfig, StartupError
 from jobworker.server.handler import ConnectionHandler
 from jobworker.server.listener import Listener, format_address
 from jobworker.server.logs import announce
+from jobworker.server.sdnotify import notify
 from jobworker.server.service import JobService
 from jobworker.server.signals import open_server_signals, watch_signals
+from jobworker.server.tls import CertificateError, build_server_context, server_certificate_expiry
 
 log = logging.getLogger("jobworker.server")
 
@@ -126,7 +128,20 @@ async def serve(
                 return f"tasks={count_tasks()} connections={connections}"
 
             def reload() -> None:
-                log.info("nothing to reload")
+                try:
+                    context = build_server_context(config.certs_dir)
+                    expiry = server_certificate_expiry(config.certs_dir)
+                except CertificateError as exc:
+                    log.error("certificates not reloaded, the current ones stay: %s", exc)  # noqa: TRY400 (one line, no traceback)
+                    return
+                for listener in listener_box:
+                    listener.replace_ssl_context(context)
+                log.info(
+                    "certificates reloaded from %s for new connections; the server "
+                    "certificate expires %s",
+                    config.certs_dir,
+                    f"{expiry:%Y-%m-%dT%H:%M:%SZ}",
+                )
 
             root.start_soon(
                 functools.partial(watch_signals, reload=reload, debug=debug), signals, shutdown
@@ -162,8 +177,10 @@ async def serve(
                     await serving.start(listener.serve)
                     host, port = listener.address
                     announce(f"listening on {format_address(host, port)}", "listening")
+                    notify("READY=1", f"STATUS=listening on {format_address(host, port)}")
                     task_status.started((host, port))
                     await shutdown.wait()
+                    notify("STOPPING=1", "STATUS=stopping jobs")
                     listener.shutdown()
                     serving.cancel_scope.deadline = trio.current_time() + SHUTDOWN_DRAIN_S
                 log.info("connections closed; stopping jobs")

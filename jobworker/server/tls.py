@@ -4,6 +4,7 @@ and the handshake with a deadline, which yields the stream and the caller's Iden
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import ssl
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from pathlib import Path
 import anyio
 import anyio.abc
 from anyio.streams.tls import TLSAttribute, TLSStream
+from cryptography import x509
 
 from jobworker.server.config import StartupError
 from jobworker.server.identity import Identity, identity_from_peer_cert
@@ -57,6 +59,18 @@ def build_server_context(certs_dir: Path) -> ssl.SSLContext:
     except (ssl.SSLError, ValueError) as exc:
         raise CertificateError(f"invalid CA certificate {ca}: {exc}") from None
     return context
+
+
+def server_certificate_expiry(certs_dir: Path) -> dt.datetime:
+    """When ``server-cert.pem`` in ``certs_dir`` expires (UTC). Raises CertificateError."""
+    path = certs_dir / SERVER_CERT_FILE
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise CertificateError(
+            f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}"
+        ) from None
+    return cert.not_valid_after_utc
 
 
 @dataclass(frozen=True)
