@@ -30,6 +30,7 @@ from jobworker.cgroups.base import DEFAULT_PIDS_MAX
 from jobworker.cgroups.detect import CgroupsUnavailable
 from jobworker.server import config as cfg
 from jobworker.server.app import serve
+from jobworker.server.check import run_check
 from jobworker.server.config import StartupError
 from jobworker.server.errors import unwrap
 from jobworker.server.listener import format_address
@@ -130,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the effective configuration as TOML, each value's source as a comment, "
         "and exit",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="check certificates, data dir and resource control without binding the port; "
+        "exit 0 if the server would start, 2 if not",
     )
     parser.add_argument(
         "--listen",
@@ -292,8 +299,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.print_config:
         sys.stdout.write(render(resolved))
         sys.exit(0)
-    setup_logging(args.log_level, args.log_format)
     config = config_from_args(args)
+    if args.check:
+        sys.exit(0 if run_check(config, print) else EXIT_CONFIG)
+    setup_logging(args.log_level, args.log_format)
     raise_fd_limit(config.max_connections)
     try:
         ssl_context = build_server_context(config.certs_dir)
