@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+import tomllib
 from pathlib import Path
 
 import nox
@@ -17,6 +18,13 @@ import nox
 ROOT = Path(__file__).parent
 nox.options.default_venv_backend = "venv"
 nox.options.sessions = ["lint", "typecheck", "tests"]
+
+
+def _pinned(tool: str) -> str:
+    """The exact requirement for ``tool`` from pyproject's dev extra: pinned in one place."""
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    [requirement] = [r for r in extra["optional-dependencies"]["dev"] if r.startswith(f"{tool}==")]
+    return requirement
 
 
 def _dev_install(session: nox.Session) -> None:
@@ -88,15 +96,15 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(reuse_venv=True)
 def lint(session: nox.Session) -> None:
-    """ruff check and ruff format --check."""
-    session.install("ruff>=0.6")
+    """ruff check and ruff format --check (ruff at the version pinned in pyproject.toml)."""
+    session.install(_pinned("ruff"))
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
 
 
 @nox.session(reuse_venv=True)
 def typecheck(session: nox.Session) -> None:
-    """mypy --strict over the package."""
+    """mypy --strict over the package, the tests and the scripts (pinned in pyproject.toml)."""
     _dev_install(session)
     session.run("mypy")
 

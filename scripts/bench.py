@@ -815,7 +815,8 @@ def fig_list(env: Env) -> None:
 def fig_stop(env: Env) -> None:
     """7. StopJob latency: a job that exits on SIGTERM, one that ignores it (~grace)."""
     n = env.scale.stop_calls
-    term_floor, kill_floor = [], []
+    term_floor: list[float] = []
+    kill_floor: list[float] = []
     for sig, floors in ((signal.SIGTERM, term_floor), (signal.SIGKILL, kill_floor)):
         for _ in range(n):
             proc = subprocess.Popen(["sleep", "30"])

@@ -52,7 +52,7 @@ def _job(job_id: str) -> dict[str, object]:
     }
 
 
-class ReferenceServicer(worker_pb2_grpc.JobServiceServicer):  # type: ignore[misc]
+class ReferenceServicer(worker_pb2_grpc.JobServiceServicer):
     """GetJob, GetJobs and GetJobsStream from memory; the other methods stay UNIMPLEMENTED."""
 
     def __init__(self, list_size: int) -> None:

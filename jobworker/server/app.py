@@ -1,23 +1,21 @@
 """serve(): the server's root. Its nursery owns the signal watcher, the orphan reaper, the job
 manager's nursery of jobs and the listener with one task per connection.
 
-Shutdown (first SIGINT/SIGTERM): stop accepting; every connection sends GOAWAY and its RPCs
-end with UNAVAILABLE (streams included); after SHUTDOWN_DRAIN_S whatever is left is
+Shutdown (SIGINT/SIGTERM, see signals.py): stop accepting; every connection sends GOAWAY and
+its RPCs end with UNAVAILABLE (streams included); after SHUTDOWN_DRAIN_S whatever is left is
 cancelled; then the job manager stops every running job through the engine's stop path and
-persists the records. A second signal exits at once (jobs left running are swept by the
-next start).
+persists the records. Further signals do not cut this short: no job is left behind.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import logging
 import os
-import signal
 import ssl
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -32,21 +30,22 @@ from jobworker.cgroups.base import ResourceController
 from jobworker.cgroups.detect import detect_controller
 from jobworker.cgroups.reaper import Reaper
 from jobworker.engine import open_job_manager
-from jobworker.server.config import ServerConfig
+from jobworker.server.config import ServerConfig, StartupError
 from jobworker.server.handler import ConnectionHandler, MethodTable
 from jobworker.server.health import Health
 from jobworker.server.listener import Listener, format_address
+from jobworker.server.logs import announce
 from jobworker.server.metrics import ObservedManager, ServerMetrics, cgroups_label
 from jobworker.server.metrics_http import open_metrics_server
 from jobworker.server.reflection import Reflection
+from jobworker.server.sdnotify import notify
 from jobworker.server.service import SERVICE_NAME, JobService
+from jobworker.server.signals import open_server_signals, watch_signals
+from jobworker.server.tls import CertificateError, build_server_context, server_certificate_expiry
 
 log = logging.getLogger("jobworker.server")
 
 SHUTDOWN_DRAIN_S = 3.0  # connections get this long to tell their clients before being cut
-FORCED_EXIT_CODE = 130  # second signal: exit without cleanup (like an interrupted shell)
-SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-DEBUG_SIGNAL = signal.SIGUSR1  # logs task and connection counts (used by the tests)
 CGROUP_CLEANUP_S = 5.0  # bound on removing our (empty) cgroup subtree at shutdown
 CGROUP_ROOT = "jobworker"  # job cgroups: <own cgroup>/jobworker/<instance>/<job id>
 ISOLATION = "none"  # jobs share the host's namespaces (reported in jobworker_info)
@@ -68,15 +67,19 @@ async def _serve_metrics(
     registry = metrics.registry
     server = await open_metrics_server(*address, lambda: generate_latest(registry))
     nursery.start_soon(server.serve)
-    print(f"metrics on {format_address(*server.address)}", file=sys.stderr, flush=True)
+    announce(f"metrics on {format_address(*server.address)}", "metrics")
 
 
-class ListenError(Exception):
+class ListenError(StartupError):
     """Raised when the --listen address cannot be bound (in use, not ours, unresolvable)."""
 
 
-class DataDirBusy(Exception):
+class DataDirBusy(StartupError):
     """Raised when another server already runs on the same --data-dir."""
+
+
+class DataDirUnusable(StartupError):
+    """Raised when the --data-dir cannot be created or its lock file not opened."""
 
 
 def instance_name(data_dir: Path) -> str:
@@ -92,9 +95,13 @@ def instance_name(data_dir: Path) -> str:
 
 @contextlib.contextmanager
 def lock_data_dir(data_dir: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``<data-dir>/.lock`` while serving (DataDirBusy if taken)."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(data_dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    """Hold an exclusive lock on ``<data-dir>/.lock`` while serving (DataDirBusy if taken,
+    DataDirUnusable if the directory or the lock file cannot be made)."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(data_dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise DataDirUnusable(f"cannot use data dir {data_dir}: {exc.strerror or exc}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -119,28 +126,6 @@ def count_tasks() -> int:
         for nursery in task.child_nurseries:
             todo.extend(nursery.child_tasks)
     return total
-
-
-async def _watch_signals(
-    signals: AsyncIterator[int],
-    shutdown: trio.Event,
-    listener_box: list[Listener],
-    starting: trio.CancelScope,
-) -> None:
-    async for signum in signals:
-        name = signal.Signals(signum).name
-        if signum == DEBUG_SIGNAL:
-            connections = listener_box[0].connections if listener_box else 0
-            log.info("debug: tasks=%d connections=%d", count_tasks(), connections)
-        elif not shutdown.is_set():
-            log.info("%s received: shutting down (a second signal forces exit)", name)
-            shutdown.set()
-            if not listener_box:
-                starting.cancel()  # still starting (loading records): nothing to drain
-        else:
-            log.warning("%s received again: exiting now, without cleanup", name)
-            logging.shutdown()
-            os._exit(FORCED_EXIT_CODE)
 
 
 async def _bind(config: ServerConfig) -> MultiListener[anyio.abc.SocketStream]:
@@ -178,7 +163,7 @@ async def serve(
     listener_box: list[Listener] = []
     with (
         lock_data_dir(config.data_dir),
-        trio.open_signal_receiver(*SHUTDOWN_SIGNALS, DEBUG_SIGNAL) as signals,
+        open_server_signals() as signals,
     ):
         # Bound before any cgroup is made: an address in use leaves nothing behind.
         tcp = await _bind(config)
@@ -191,7 +176,38 @@ async def serve(
             raise
         async with tcp, _removing_roots(controller), trio.open_nursery() as root:
             shutdown = trio.Event()
-            root.start_soon(_watch_signals, signals, shutdown, listener_box, root.cancel_scope)
+
+            def debug() -> str:
+                connections = listener_box[0].connections if listener_box else 0
+                return f"tasks={count_tasks()} connections={connections}"
+
+            def reload() -> None:
+                try:
+                    context = build_server_context(config.certs_dir)
+                    expiry = server_certificate_expiry(config.certs_dir)
+                except CertificateError as exc:
+                    log.error("certificates not reloaded, the current ones stay: %s", exc)  # noqa: TRY400 (one line, no traceback)
+                    return
+                for listener in listener_box:
+                    listener.replace_ssl_context(context)
+                log.info(
+                    "certificates reloaded from %s for new connections; the server "
+                    "certificate expires %s",
+                    config.certs_dir,
+                    f"{expiry:%Y-%m-%dT%H:%M:%SZ}",
+                )
+
+            def shutting_down() -> None:
+                if not listener_box:
+                    root.cancel_scope.cancel()  # still starting (loading records): nothing to drain
+
+            root.start_soon(
+                functools.partial(
+                    watch_signals, reload=reload, debug=debug, on_shutdown=shutting_down
+                ),
+                signals,
+                shutdown,
+            )
             reaper = Reaper()
             reaper.enable()
             await root.start(reaper.run)
@@ -237,9 +253,11 @@ async def serve(
                     await serving.start(listener.serve)
                     host, port = listener.address
                     health.set_serving()
-                    print(f"listening on {format_address(host, port)}", file=sys.stderr, flush=True)
+                    announce(f"listening on {format_address(host, port)}", "listening")
+                    notify("READY=1", f"STATUS=listening on {format_address(host, port)}")
                     task_status.started((host, port))
                     await shutdown.wait()
+                    notify("STOPPING=1", "STATUS=stopping jobs")
                     await health.shut_down()  # watchers hear NOT_SERVING before GOAWAY
                     listener.shutdown()
                     serving.cancel_scope.deadline = trio.current_time() + SHUTDOWN_DRAIN_S

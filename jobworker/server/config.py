@@ -1,4 +1,5 @@
-"""The server's configuration, as parsed from the command line (see main.py)."""
+"""The server's configuration, as resolved from flags, environment and file (see main.py,
+settings.py), and the error for a server that cannot start."""
 
 from __future__ import annotations
 
@@ -8,6 +9,11 @@ from pathlib import Path
 from jobworker.cgroups.base import DEFAULT_PIDS_MAX
 from jobworker.cgroups.detect import CgroupMode
 from jobworker.server.transport import GRPC_MESSAGE_PREFIX
+
+
+class StartupError(Exception):
+    """A reason the server cannot start, as one line for the operator (the server exits 2)."""
+
 
 DEFAULT_PORT = 50051  # the spec's port
 DEFAULT_HANDSHAKE_TIMEOUT_S = 5.0  # a TLS handshake takes ms; this is for slow links, not stalls

@@ -67,6 +67,7 @@ class CallRecord:
     service: str = ""
     known: bool = False  # (service, method) is in the method table
     job_id: str = ""
+    peer: str = ""  # the client's address
     code: StatusCode = StatusCode.CANCELLED  # until proven otherwise (connection lost)
 
 
@@ -108,7 +109,9 @@ class ConnectionHandler:
                         async with trio.open_nursery() as nursery:
 
                             def spawn(stream: ServerStream) -> None:
-                                nursery.start_soon(self._serve_rpc, sock, stream, peer.identity)
+                                nursery.start_soon(
+                                    self._serve_rpc, sock, stream, peer.identity, remote
+                                )
 
                             nursery.start_soon(
                                 self._close_gracefully_when_due, sock, closing, nursery, peer
@@ -164,12 +167,12 @@ class ConnectionHandler:
         nursery.cancel_scope.cancel()
 
     async def _serve_rpc(
-        self, sock: ServerSocket, stream: ServerStream, identity: Identity
+        self, sock: ServerSocket, stream: ServerStream, identity: Identity, remote: str = ""
     ) -> None:
         """Run one RPC to its end, whatever the client does; always forget the stream and
         write the audit line. Cancelled with the connection (the audit says CANCELLED)."""
         started = trio.current_time()
-        call = CallRecord(method="?")
+        call = CallRecord(method="?", peer=remote)
         try:
             first = await stream.next_event()  # RequestReceived: queued before this task started
             assert isinstance(first, RequestReceived)
@@ -308,6 +311,7 @@ _field = logtext.field
 
 
 def _audit(identity: Identity, call: CallRecord, elapsed: float) -> None:
+    """One line per RPC; the same facts as structured fields for the JSON log format."""
     rule = rule_for(call.service, call.method)
     if call.code == StatusCode.PERMISSION_DENIED:
         level = logging.WARNING
@@ -315,9 +319,20 @@ def _audit(identity: Identity, call: CallRecord, elapsed: float) -> None:
         level = logging.DEBUG
     else:
         level = logging.INFO
+    fields = {
+        "event": "rpc",
+        "identity": identity.name,
+        "role": identity.role_label,
+        "method": call.method,
+        "op": operation_name(call.service, call.method),
+        "job": call.job_id or None,
+        "outcome": call.code.name,
+        "duration_ms": round(elapsed * 1000, 1),
+        "peer": call.peer or None,
+    }
     audit_log.log(
         level,
-        "rpc identity=%s role=%s method=%s op=%s job=%s outcome=%s duration_ms=%.1f",
+        "rpc identity=%s role=%s method=%s op=%s job=%s outcome=%s duration_ms=%.1f peer=%s",
         _field(identity.name),
         _field(identity.role_label),
         _field(call.method),
@@ -325,4 +340,6 @@ def _audit(identity: Identity, call: CallRecord, elapsed: float) -> None:
         _field(call.job_id) if call.job_id else "-",
         call.code.name,
         elapsed * 1000,
+        call.peer or "-",
+        extra=fields,
     )

@@ -83,6 +83,11 @@ class Listener:
         assert isinstance(address, tuple)
         return str(address[0]), int(address[1])
 
+    def replace_ssl_context(self, context: ssl.SSLContext) -> None:
+        """Use ``context`` for the handshakes of connections accepted from now on; those
+        already established keep the one they were made with."""
+        self._ssl_context = context
+
     def shutdown(self) -> None:
         """Stop accepting and ask every connection to close (RPCs end with UNAVAILABLE).
         ``serve`` returns once the last connection is gone."""

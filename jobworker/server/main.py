@@ -1,21 +1,28 @@
-"""``jobworker-server``: command-line flags, logging, and the exit codes.
+"""``jobworker-server``: its flags, logging, and the exit codes.
 
-Exit codes: 0 after a graceful shutdown; 2 for a configuration problem (bad flag,
-unreadable certificates, ``--cgroups require`` on a host without usable cgroups);
-1 when the address cannot be bound; 130 when a second signal forced the exit.
+The parser built by ``build_parser`` is the one list of settings: each flag is also a key of
+the ``--config`` TOML file and a ``JOB_WORKER_<FLAG>`` environment variable (settings.py).
+To add a setting: one ``add_argument`` in ``build_parser`` (its default imported from the
+layer that owns it), read it in ``config_from_args``, and one entry in
+``deploy/server.toml`` (a test compares that file with this parser). The file, the
+environment, ``--print-config`` and the checks follow from the parser by themselves.
+
+Exit codes: 0 after a graceful shutdown (and after ``--print-config``); 2 when the server
+cannot start (bad flag or setting, unreadable certificates, an unusable or busy data dir,
+the address cannot be bound, ``--cgroups require`` without usable cgroups), always as one
+line on stderr; 1 when the server failed after it started.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import resource
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple, NoReturn
 
 import trio
 
@@ -24,36 +31,36 @@ from jobworker.cgroups.detect import CgroupsUnavailable
 from jobworker.engine.manager import DEFAULT_MIN_FREE_DISK_BYTES, MIN_FREE_DISK_FRACTION
 from jobworker.engine.store import DataDirUnusable
 from jobworker.server import config as cfg
-from jobworker.server.app import DataDirBusy, ListenError, serve
+from jobworker.server.app import serve
+from jobworker.server.check import run_check
+from jobworker.server.config import StartupError
 from jobworker.server.errors import unwrap
+from jobworker.server.listener import format_address
+from jobworker.server.logs import LOG_FORMATS, LOG_LEVELS, announce, setup_logging
 from jobworker.server.metrics_http import MetricsListenError
-from jobworker.server.tls import CertificateError, build_server_context
+from jobworker.server.settings import CONFIG_ENV, ConfigError, render, resolve
+from jobworker.server.tls import build_server_context
 
-EXIT_CONFIG = 2  # argparse's code for usage errors; the same for every configuration problem
+EXIT_CONFIG = 2  # argparse's code for usage errors; the same for every reason not to start
 EXIT_RUNTIME = 1
-
-Address = tuple[str, int]
-ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]
+PROG = "jobworker-server"
 
 
-class OneLineFormatter(logging.Formatter):
-    """``<UTC timestamp> <LEVEL> <logger> <message>``, always one line per record (a
-    traceback is folded onto the same line with `` | `` separators)."""
+class Address(NamedTuple):
+    """A --listen address; ``str()`` gives it back as typed (``[::1]:50051``)."""
 
-    def converter(self, timestamp: float | None) -> time.struct_time:
-        return time.gmtime(timestamp)
+    host: str
+    port: int
 
-    def __init__(self) -> None:
-        super().__init__(
-            "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s %(message)s",
-            datefmt="%Y-%m-%dT%H:%M:%S",
-        )
+    def __str__(self) -> str:
+        return format_address(self.host, self.port)
 
-    def formatException(self, ei: ExcInfo) -> str:
-        return " | ".join(super().formatException(ei).splitlines())
 
-    def format(self, record: logging.LogRecord) -> str:
-        return " | ".join(super().format(record).splitlines())
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line (the usage itself is in ``--help``)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_CONFIG, f"{self.prog}: {message} (see --help)\n")
 
 
 def parse_listen(value: str) -> Address:
@@ -77,7 +84,7 @@ def parse_listen(value: str) -> Address:
         raise argparse.ArgumentTypeError(f"invalid port in {value!r}") from None
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"port out of range in {value!r}")
-    return host, port
+    return Address(host, port)
 
 
 def _bounded(
@@ -107,14 +114,38 @@ _non_negative_int = _bounded(int, "an integer", 0, inclusive=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="jobworker-server",
-        description="Run Linux commands as jobs under resource limits, over gRPC with mTLS.",
+    """The server's flags: every one but the meta options (``--config``, ``--print-config``,
+    ``--check``) is a setting (see settings.py)."""
+    parser = OneLineParser(
+        prog=PROG,
+        description="Run Linux commands as jobs under resource limits, over gRPC with mTLS. "
+        "Every flag can also be set in the --config file (key: the flag without dashes) or "
+        "as JOB_WORKER_<FLAG> (e.g. JOB_WORKER_DATA_DIR); flags win, then the environment, "
+        "then the file.",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help=f"TOML file of settings (or ${CONFIG_ENV}; example: deploy/server.toml)",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the effective configuration as TOML, each value's source as a comment, "
+        "and exit",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="check certificates, data dir and resource control without binding the port; "
+        "exit 0 if the server would start, 2 if not",
     )
     parser.add_argument(
         "--listen",
         type=parse_listen,
-        default=("127.0.0.1", cfg.DEFAULT_PORT),
+        default=f"127.0.0.1:{cfg.DEFAULT_PORT}",
         metavar="HOST:PORT",
         help="address to listen on, only this one ([::1]:PORT for IPv6; port 0 picks one) "
         f"(default 127.0.0.1:{cfg.DEFAULT_PORT})",
@@ -137,8 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level",
         default="INFO",
         type=str.upper,
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="(default INFO)",
+        choices=LOG_LEVELS,
+        help="least severe level logged: DEBUG, INFO, WARNING or ERROR (default INFO)",
+    )
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=LOG_FORMATS,
+        help="text: one human-readable line per record; json: one JSON object per line "
+        "(default text)",
     )
     parser.add_argument(
         "--handshake-timeout",
@@ -239,17 +277,6 @@ def config_from_args(args: argparse.Namespace) -> cfg.ServerConfig:
     )
 
 
-def setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(OneLineFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    # h2 and hpack log every frame at DEBUG: far too much even for --log-level DEBUG.
-    for noisy in ("h2", "hpack", "purerpc"):
-        logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLevelName(level)))
-
-
 # Each connection holds one descriptor, each running job about four (pipe, pidfd, OOM eventfd,
 # output log) and each stream reader catching up one more: the usual soft limit of 1024 is
 # below --max-connections' default alone.
@@ -278,27 +305,39 @@ def raise_fd_limit(max_connections: int) -> None:
         )
 
 
+def _fail(message: str) -> NoReturn:
+    """One line on stderr (after any queued log lines), exit 2."""
+    announce(f"{PROG}: {message}", "start_failed", logging.ERROR)
+    sys.exit(EXIT_CONFIG)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``jobworker-server``; exits the process."""
-    args = build_parser().parse_args(argv)
-    setup_logging(args.log_level)
+    parser = build_parser()
+    try:
+        resolved = resolve(parser, sys.argv[1:] if argv is None else argv, os.environ)
+    except ConfigError as exc:
+        _fail(str(exc))
+    args = resolved.args
+    if args.print_config:
+        sys.stdout.write(render(resolved))
+        sys.exit(0)
     config = config_from_args(args)
+    if args.check:
+        sys.exit(0 if run_check(config, print) else EXIT_CONFIG)
+    setup_logging(args.log_level, args.log_format)
     raise_fd_limit(config.max_connections)
     try:
         ssl_context = build_server_context(config.certs_dir)
-    except CertificateError as exc:
-        print(f"jobworker-server: {exc}", file=sys.stderr)
-        sys.exit(EXIT_CONFIG)
-    try:
         trio.run(serve, config, ssl_context)
     except Exception as exc:
         leaf = unwrap(exc)
-        if isinstance(leaf, CgroupsUnavailable | DataDirBusy | DataDirUnusable):
-            print(f"jobworker-server: {leaf}", file=sys.stderr)
-            sys.exit(EXIT_CONFIG)
-        if isinstance(leaf, ListenError | MetricsListenError):
-            print(f"jobworker-server: {leaf}", file=sys.stderr)
-            sys.exit(EXIT_RUNTIME)
+        # Every reason not to start is one line and exit 2 (the engine's own refusal of an
+        # unusable jobs dir and the metrics address are not StartupErrors: other layers).
+        if isinstance(
+            leaf, StartupError | CgroupsUnavailable | DataDirUnusable | MetricsListenError
+        ):
+            _fail(str(leaf))
         _log.critical("server failed", exc_info=exc)
         sys.exit(EXIT_RUNTIME)
     sys.exit(0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import datetime as dt
 import logging
 import ssl
 from collections.abc import Callable
@@ -16,7 +17,9 @@ from typing import Any, TypeVar
 import anyio
 import anyio.abc
 from anyio.streams.tls import TLSAttribute, TLSStream
+from cryptography import x509
 
+from jobworker.server.config import StartupError
 from jobworker.server.identity import Identity, identity_from_peer_cert
 
 log = logging.getLogger(__name__)
@@ -32,7 +35,7 @@ ALERT_FLUSH_TIMEOUT_S = 1.0
 _T = TypeVar("_T")
 
 
-class CertificateError(Exception):
+class CertificateError(StartupError):
     """Raised when the server's certificate files are missing, unreadable or invalid.
 
     The message is one line for the operator (the server exits 2 with it).
@@ -101,6 +104,18 @@ class _AlertingTLSStream(TLSStream):
             await transport.send_eof()
             while await transport.receive():
                 pass
+
+
+def server_certificate_expiry(certs_dir: Path) -> dt.datetime:
+    """When ``server-cert.pem`` in ``certs_dir`` expires (UTC). Raises CertificateError."""
+    path = certs_dir / SERVER_CERT_FILE
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise CertificateError(
+            f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}"
+        ) from None
+    return cert.not_valid_after_utc
 
 
 @dataclass(frozen=True)

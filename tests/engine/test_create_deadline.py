@@ -25,7 +25,7 @@ async def test_a_deadline_that_passes_before_the_start_starts_nothing(
     # (or a busy server) cannot be produced on demand: the real lookup runs, then the clock
     # jumps past the deadline before the thread returns.
     mock_clock.rate = 1.0  # real time otherwise: real processes may run
-    lookup = manager_module.resolve_command
+    lookup = manager_module.resolve_command  # type: ignore[attr-defined]  # the seam patched below
 
     def slow_lookup(command: str) -> str:
         found = lookup(command)

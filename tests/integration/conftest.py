@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 STARTUP_TIMEOUT_S = 15.0  # a cold interpreter imports trio, purerpc, protobuf: ~1 s, slack for CI
 SHUTDOWN_TIMEOUT_S = 10.0  # the brief's bound on a graceful exit
-LISTENING_RE = re.compile(r"listening on (\S+)")
+LISTENING_RE = re.compile(r"listening on ([^\s\"]+)")  # a text line or a JSON one
 DEBUG_RE = re.compile(r"debug: tasks=(\d+) connections=(\d+)")
 
 

@@ -29,6 +29,7 @@ from jobworker import pki
 from jobworker.api import worker_pb2
 from jobworker.cli import main as cli_main
 from jobworker.client import (
+    ClientSession,
     ConnectError,
     ConnectionLost,
     DeadlineExceeded,
@@ -233,7 +234,9 @@ async def fake_server(
         nursery.cancel_scope.cancel()
 
 
-def client_for(test_pki: TestPKI, address: str, stem: str = "admin-client", **kwargs: float):
+def client_for(
+    test_pki: TestPKI, address: str, stem: str = "admin-client", **kwargs: float
+) -> ClientSession:
     return open_client(
         address, cert=test_pki.cert(stem), key=test_pki.key(stem), ca=test_pki.ca_cert, **kwargs
     )

@@ -49,7 +49,9 @@ def assert_no_id_used(stub: worker_pb2_grpc.JobServiceStub, server: ServerProc) 
     assert job.id == "1"
 
 
-def test_one_argument_of_128_kib_is_refused_naming_the_limit(stub, server: ServerProc) -> None:
+def test_one_argument_of_128_kib_is_refused_naming_the_limit(
+    stub: worker_pb2_grpc.JobServiceStub, server: ServerProc
+) -> None:
     request = worker_pb2.CreateJobReq(command="echo", args=["ok", "x" * MAX_ARG_STRLEN])
     message = refused(stub, request)
     assert message == (
@@ -59,7 +61,9 @@ def test_one_argument_of_128_kib_is_refused_naming_the_limit(stub, server: Serve
     assert_no_id_used(stub, server)
 
 
-def test_the_longest_argument_the_kernel_takes_runs(stub, server: ServerProc) -> None:
+def test_the_longest_argument_the_kernel_takes_runs(
+    stub: worker_pb2_grpc.JobServiceStub, server: ServerProc
+) -> None:
     longest = "x" * (MAX_ARG_STRLEN - 1)
     job = stub.CreateJob(
         worker_pb2.CreateJobReq(command="sh", args=["-c", 'echo "${#1}"', "sh", longest]),
@@ -69,14 +73,18 @@ def test_the_longest_argument_the_kernel_takes_runs(stub, server: ServerProc) ->
     assert b"".join(chunk.payload for chunk in stream) == f"{MAX_ARG_STRLEN - 1}\n".encode()
 
 
-def test_300000_one_byte_arguments_are_refused_naming_arg_max(stub, server: ServerProc) -> None:
+def test_300000_one_byte_arguments_are_refused_naming_arg_max(
+    stub: worker_pb2_grpc.JobServiceStub, server: ServerProc
+) -> None:
     request = worker_pb2.CreateJobReq(command="echo", args=["x"] * 300_000)
     message = refused(stub, request)
     assert message.startswith("args exceed the kernel's limit for one exec (ARG_MAX): ")
     assert_no_id_used(stub, server)
 
 
-def test_memory_above_the_host_is_refused_naming_it(stub, server: ServerProc) -> None:
+def test_memory_above_the_host_is_refused_naming_it(
+    stub: worker_pb2_grpc.JobServiceStub, server: ServerProc
+) -> None:
     request = worker_pb2.CreateJobReq(command="true", maxMemory=2**31 - 1)
     assert refused(stub, request) == (
         f"maxMemory must be at most the host's memory ({HOST_MB} MB), got 2147483647"
@@ -97,13 +105,15 @@ def test_memory_above_the_host_is_refused_naming_it(stub, server: ServerProc) ->
     ],
 )
 def test_command_errors_say_what_was_looked_up(
-    stub, server: ServerProc, command: str, message: str
+    stub: worker_pb2_grpc.JobServiceStub, server: ServerProc, command: str, message: str
 ) -> None:
     assert refused(stub, worker_pb2.CreateJobReq(command=command)) == message
     assert_no_id_used(stub, server)
 
 
-def test_a_symlink_loop_as_command(stub, server: ServerProc, tmp_path: Path) -> None:
+def test_a_symlink_loop_as_command(
+    stub: worker_pb2_grpc.JobServiceStub, server: ServerProc, tmp_path: Path
+) -> None:
     loop = tmp_path / "loop"
     loop.symlink_to(loop)
     message = refused(stub, worker_pb2.CreateJobReq(command=str(loop)))
@@ -111,7 +121,9 @@ def test_a_symlink_loop_as_command(stub, server: ServerProc, tmp_path: Path) -> 
     assert_no_id_used(stub, server)
 
 
-def test_max_cpu_message_and_rule_agree(stub, server: ServerProc) -> None:
+def test_max_cpu_message_and_rule_agree(
+    stub: worker_pb2_grpc.JobServiceStub, server: ServerProc
+) -> None:
     top = 100 * (os.cpu_count() or 1)
     message = refused(stub, worker_pb2.CreateJobReq(command="true", maxCPU=top + 1))
     assert message == (

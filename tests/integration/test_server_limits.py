@@ -118,7 +118,8 @@ class RawH2:
         return [
             e
             for e in self.events
-            if isinstance(e, kind) and (stream_id is None or e.stream_id == stream_id)
+            if isinstance(e, kind)
+            and (stream_id is None or getattr(e, "stream_id", None) == stream_id)
         ]
 
     def trailers(self, stream_id: int) -> dict[str, str]:

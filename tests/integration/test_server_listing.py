@@ -12,7 +12,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
@@ -45,9 +45,7 @@ def wait_ended(stub: worker_pb2_grpc.JobServiceStub, job_id: str) -> None:
         time.sleep(0.02)
 
 
-def pages(
-    stub: worker_pb2_grpc.JobServiceStub, **request: object
-) -> Iterator[worker_pb2.ListJobsRes]:
+def pages(stub: worker_pb2_grpc.JobServiceStub, **request: Any) -> Iterator[worker_pb2.ListJobsRes]:
     """Every page of ListJobs for ``request``, asserting each fits the default limit."""
     token = ""
     for _ in range(100_000):
@@ -247,7 +245,7 @@ def test_list_jobs_filters_by_status(many_stub: worker_pb2_grpc.JobServiceStub) 
     ],
 )
 def test_bad_list_jobs_requests_are_invalid_arguments(
-    many_stub: worker_pb2_grpc.JobServiceStub, request_fields: dict[str, object], message: str
+    many_stub: worker_pb2_grpc.JobServiceStub, request_fields: dict[str, Any], message: str
 ) -> None:
     with pytest.raises(grpc.RpcError) as info:
         many_stub.ListJobs(worker_pb2.ListJobsReq(**request_fields), timeout=10)

@@ -69,11 +69,86 @@ def test_a_garbage_key_exits_2_without_a_traceback(test_pki: TestPKI, tmp_path: 
 def test_a_bad_listen_address_is_a_usage_error(tmp_path: Path, listen: str) -> None:
     result = run_server("--listen", listen, cwd=tmp_path)
     assert result.returncode == 2
-    assert "--listen" in result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith("jobworker-server: argument --listen: ")
+    assert line.endswith(" (see --help)")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--pids-max", "0"], "argument --pids-max: must be >= 1: '0'"),
+        (["--log-level", "loud"], "argument --log-level: invalid choice: 'LOUD'"),
+    ],
+)
+def test_a_bad_flag_is_one_line_and_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
+    result = run_server(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"jobworker-server: {message}")
+
+
+def test_log_level_has_help_text(tmp_path: Path) -> None:
+    result = run_server("--help", cwd=tmp_path)
+    assert result.returncode == 0
+    assert "least severe level logged" in " ".join(result.stdout.split())
+
+
+def test_a_bad_config_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    config = tmp_path / "server.toml"
+    config.write_text("max-connections = 0\n")
+    result = run_server("--config", str(config), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"jobworker-server: config file {config}: max-connections: must be >= 1: '0'"
+    ]
+
+
+def test_print_config_prints_toml_and_exits_0(tmp_path: Path) -> None:
+    config = tmp_path / "server.toml"
+    config.write_text("pids-max = 12\n")
+    result = run_server("--config", str(config), "--print-config", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"pids-max = 12  # file {config}" in result.stdout.splitlines()
+    assert not (tmp_path / "var").exists()  # nothing started
+
+
+@pytest.mark.parametrize("how", ["a file", "under a file"])
+def test_an_unusable_data_dir_is_one_line_and_exit_2(
+    test_pki: TestPKI, tmp_path: Path, how: str
+) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    data_dir = blocker if how == "a file" else blocker / "data"
+    result = run_server(
+        "--listen", "127.0.0.1:0", "--certs-dir", str(test_pki.dir), "--data-dir", str(data_dir),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2
+    why = "File exists" if how == "a file" else "Not a directory"
+    assert result.stderr.splitlines()[-1] == (
+        f"jobworker-server: cannot use data dir {data_dir}: {why}"
+    )
     assert "Traceback" not in result.stderr
 
 
-def test_an_address_in_use_exits_1_with_one_line(
+def test_a_certificate_path_that_is_a_directory_is_one_line_and_exit_2(
+    test_pki: TestPKI, tmp_path: Path
+) -> None:
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    for name in ("ca-cert.pem", "server-key.pem"):
+        (certs / name).write_bytes((test_pki.dir / name).read_bytes())
+    (certs / "server-cert.pem").mkdir()
+    result = run_server("--certs-dir", str(certs), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"jobworker-server: cannot read {certs / 'server-cert.pem'}: Is a directory"
+    ]
+
+
+def test_an_address_in_use_exits_2_with_one_line(
     server: ServerProc, test_pki: TestPKI, tmp_path: Path
 ) -> None:
     result = run_server(
@@ -87,7 +162,7 @@ def test_an_address_in_use_exits_1_with_one_line(
         "off",
         cwd=tmp_path,
     )
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr.splitlines()[-1] == (
         f"jobworker-server: cannot listen on {server.address}: Address already in use"
     )

@@ -44,9 +44,11 @@ def test_writes_the_spec_layout_with_private_keys_0600(tmp_path: Path) -> None:
         tmp_path / "admin-client-cert.pem"
     ).read_bytes()
     server = x509.load_pem_x509_certificate((tmp_path / "server-cert.pem").read_bytes())
-    assert isinstance(server.public_key(), ec.EllipticCurvePublicKey)
-    assert server.public_key().curve.name == "secp256r1"
+    public_key = server.public_key()
+    assert isinstance(public_key, ec.EllipticCurvePublicKey)
+    assert public_key.curve.name == "secp256r1"
     san = server.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
+    assert isinstance(san, x509.SubjectAlternativeName)
     names = {str(n) for n in san.get_values_for_type(x509.DNSName)} | {
         str(ip) for ip in san.get_values_for_type(x509.IPAddress)
     }

@@ -669,7 +669,7 @@ class RawH2:
         """Close with a TCP RST, no TLS close_notify, no GOAWAY: a vanished client."""
         if not self._gone:
             self._gone = True
-            set_rst_on_close(self.stream.transport_stream.socket)  # type: ignore[attr-defined]
+            set_rst_on_close(self.stream.transport_stream.socket)  # type: ignore[arg-type]
             await trio.aclose_forcefully(self.stream.transport_stream)
 
 
