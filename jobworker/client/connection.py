@@ -299,6 +299,7 @@ class Connection:
         self._is_up = False
         self._failure: Callable[[], ClientError] | None = None
         self._goaway = False
+        self._goaway_last_stream_id = 0
         self.closing_gracefully = False  # the server sent GOAWAY with NO_ERROR
         self._wake_writer = trio.Event()
         self._closing = False
@@ -351,7 +352,10 @@ class Connection:
     def release(self, call: Call, *, cancel: bool) -> None:
         self._calls.pop(call.stream_id, None)
         self.protocol.forget(call.stream_id)
-        if cancel and self._failure is None:
+        # A stream the server's GOAWAY did not take was never processed: nothing to reset
+        # (and peers whose h2 closed on sending the GOAWAY treat any frame as an error).
+        spared = not self._goaway or call.stream_id <= self._goaway_last_stream_id
+        if cancel and self._failure is None and spared:
             try:
                 self.protocol.reset_stream(call.stream_id, h2.errors.ErrorCodes.CANCEL)
             except h2.exceptions.ProtocolError:  # already closed on the h2 level
@@ -459,6 +463,7 @@ class Connection:
         # Calls the server will still finish keep running; new calls are refused. NO_ERROR
         # is a graceful close (a shutdown): the calls it ends may be retried later.
         self._goaway = True
+        self._goaway_last_stream_id = event.last_stream_id
         self.closing_gracefully = event.error_code == h2.errors.ErrorCodes.NO_ERROR
         gone: Callable[[], ClientError] = (
             ServerShuttingDown

@@ -24,6 +24,7 @@ import h2.errors
 import h2.events
 import pytest
 import trio
+from hyperframe.frame import GoAwayFrame
 
 from jobworker import pki
 from jobworker.api import worker_pb2
@@ -672,7 +673,9 @@ async def test_goaway_refuses_new_calls_and_fails_calls_it_did_not_take(
 ) -> None:
     async def goaway_on_second(conn: FakeConnection, call: ServerCall) -> None:
         if call.stream_id == 3:  # the client's second call: keep only the first
-            conn.h2.close_connection(last_stream_id=1)
+            # As our server sends it: the bare frame, so that this side's h2 stays open for
+            # the stream it keeps (stock h2 closes the connection on close_connection()).
+            conn.h2._prepare_for_sending([GoAwayFrame(stream_id=0, last_stream_id=1)])
             await conn.flush()
         await trio.sleep_forever()
 
