@@ -91,6 +91,8 @@ class JobManager:
         self._env = job_environment()
         self._jobs: dict[str, Job] = {}
         self._closing = False
+        # Jobs this start found recorded as running and marked LOST (their end was never seen).
+        self.found_lost: tuple[str, ...] = ()
 
     def _add_loaded(self, record: JobRecord, output_length: int | None) -> None:
         output = OutputLog(
@@ -303,6 +305,7 @@ async def open_job_manager(
             )
             for record in loaded.records:
                 manager._add_loaded(record, loaded.output_lengths[record.id])
+            manager.found_lost = tuple(loaded.found_lost)
             keeper.start_soon(manager._keep_records)
             try:
                 yield manager
@@ -324,8 +327,10 @@ async def _load(store: JobStore) -> LoadedJobs:
     names, highest = await trio.to_thread.run_sync(store.scan)
     records: list[JobRecord] = []
     lengths: dict[str, int | None] = {}
+    found_lost: list[str] = []
     for start in range(0, len(names), LOAD_BATCH):
         batch = await trio.to_thread.run_sync(store.load_some, names[start : start + LOAD_BATCH])
         records += batch.records
         lengths.update(batch.output_lengths)
-    return LoadedJobs(records, lengths, highest)
+        found_lost += batch.found_lost
+    return LoadedJobs(records, lengths, highest, found_lost)

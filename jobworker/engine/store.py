@@ -26,7 +26,7 @@ import logging
 import os
 import stat
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -190,12 +190,13 @@ OUTPUT_MISSING_REASON = "its output log is missing"
 @dataclass(frozen=True)
 class LoadedJobs:
     """What a data directory held at start: readable records (running ones already marked
-    LOST and saved), their output lengths (None: the log is missing or unusable), and the
-    highest id in use (0 if none)."""
+    LOST and saved), their output lengths (None: the log is missing or unusable), the
+    highest id in use (0 if none), and the ids this load itself marked LOST."""
 
     records: list[JobRecord]
     output_lengths: dict[str, int | None]
     highest_id: int
+    found_lost: list[str] = field(default_factory=list)  # ids this load marked LOST
 
 
 class JobStore:
@@ -364,6 +365,7 @@ class JobStore:
         """
         records: list[JobRecord] = []
         lengths: dict[str, int | None] = {}
+        found_lost: list[str] = []
         for name in names:
             directory = self.jobs_dir / name
             with contextlib.suppress(FileNotFoundError):
@@ -395,6 +397,7 @@ class JobStore:
                     output_bytes=length or 0,
                 )
                 log.warning("job %s: marked LOST (%s)", record.id, LOST_REASON)
+                found_lost.append(record.id)
                 try:
                     self.save(record)
                 except OSError:
@@ -403,4 +406,4 @@ class JobStore:
                 record = replace(record, reason=f"{record.reason}; {OUTPUT_MISSING_REASON}")
             records.append(record)
             lengths[record.id] = length
-        return LoadedJobs(records, lengths, 0)
+        return LoadedJobs(records, lengths, 0, found_lost)

@@ -16,7 +16,6 @@ import hashlib
 import logging
 import os
 import ssl
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -211,7 +210,6 @@ async def serve(
             reaper = Reaper()
             reaper.enable()
             await root.start(reaper.run)
-            loading_since = time.time()  # records marked LOST from here on are this start's
             async with open_job_manager(
                 config.data_dir,
                 controller=controller,
@@ -245,9 +243,7 @@ async def serve(
                 )
                 listener_box.append(listener)
                 if metrics is not None and config.metrics_listen is not None:
-                    metrics.watch_state(
-                        manager, listener, data_dir=config.data_dir, since=loading_since
-                    )
+                    metrics.watch_state(manager, listener)
                     await _serve_metrics(root, config.metrics_listen, metrics)
                 async with trio.open_nursery() as serving:
                     await serving.start(listener.serve)

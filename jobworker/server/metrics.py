@@ -19,7 +19,6 @@ from __future__ import annotations
 import collections
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import trio
@@ -37,7 +36,6 @@ from jobworker.engine import (
     JobStatus,
     OutputReader,
 )
-from jobworker.engine.store import RECORD_NAME, JobStore
 from jobworker.server.listener import Listener
 
 # Buckets: job starts take milliseconds (a spawn, a cgroup join); RPCs range from sub-ms
@@ -45,7 +43,6 @@ from jobworker.server.listener import Listener
 JOB_START_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60)
 # File times come from the kernel's coarse clock, which may lag time.time() a little.
-MTIME_SLACK_S = 1.0
 REASON_KINDS = ("exited", "stopped", "oom", "timeout", "lost", "start_failed", "shutdown")
 
 
@@ -117,30 +114,11 @@ class ServerMetrics:
         self.rpcs.labels(service, method, code.name).inc()
         self.rpc_duration.labels(service, method).observe(seconds)
 
-    def watch_state(
-        self, manager: JobManager, listener: Listener, *, data_dir: Path, since: float
-    ) -> None:
-        """Report the manager's jobs and the listener's connections at every scrape.
-        ``since``: the wall-clock time this server began loading ``data_dir``."""
-        lost = lost_since(manager, data_dir, since)
+    def watch_state(self, manager: JobManager, listener: Listener) -> None:
+        """Report the manager's jobs and the listener's connections at every scrape (the
+        jobs this start found LOST count as ended, once)."""
+        lost = list(manager.found_lost)
         self.registry.register(_StateCollector(manager, listener, lost))
-
-
-def lost_since(manager: JobManager, data_dir: Path, since: float) -> list[str]:
-    """Ids of the LOST jobs this server found: a server marks a record LOST (and saves it)
-    only while loading it, so those records were written at or after ``since``."""
-    store = JobStore(data_dir)
-    found: list[str] = []
-    for record in manager.list():
-        if record.status is not JobStatus.LOST:
-            continue
-        try:
-            written = (store.job_dir(record.id) / RECORD_NAME).stat().st_mtime
-            if written >= since - MTIME_SLACK_S:
-                found.append(record.id)
-        except OSError:
-            continue
-    return found
 
 
 class _StateCollector(Collector):

@@ -208,5 +208,8 @@ def render(resolved: Resolved) -> str:
         if isinstance(value, Path):
             value = value.absolute()  # the same place whatever directory reads it back
         source = resolved.sources[setting.dest]
+        if value is None:  # unset (the server derives it, or the feature is off)
+            lines.append(f"# {setting.key} is not set  # {source}")
+            continue
         lines.append(f"{setting.key} = {toml_value(value)}  # {source}")
     return "\n".join(lines) + "\n"

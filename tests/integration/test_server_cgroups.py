@@ -54,7 +54,7 @@ def test_a_start_that_cannot_bind_leaves_no_cgroup_and_logs_the_driver_once(
         result = subprocess.run(
             command, capture_output=True, text=True, timeout=30, cwd=tmp_path, check=False
         )
-    assert result.returncode == 1, result.stderr
+    assert result.returncode == 2, result.stderr  # every start failure is exit 2
     assert result.stderr.splitlines()[-1].endswith("Address already in use")
     assert _instance_dirs(own_dirs, data_dir) == []
     assert result.stderr.count(CGROUP_LINE) <= 1

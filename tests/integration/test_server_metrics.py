@@ -239,7 +239,7 @@ def test_the_metrics_endpoint_refuses_what_is_not_a_scrape(
     scrape(metrics_address(metered))
 
 
-def test_a_metrics_address_in_use_is_one_line_and_exit_1(
+def test_a_metrics_address_in_use_is_one_line_and_exit_2(
     metered: ServerProc, server_factory: ServerFactory
 ) -> None:
     taken = metrics_address(metered)
@@ -262,7 +262,7 @@ def test_a_metrics_address_in_use_is_one_line_and_exit_1(
         timeout=30,
         check=False,
     )
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert f"jobworker-server: cannot listen for metrics on {taken}: " in proc.stderr
     assert "Traceback" not in proc.stderr
 

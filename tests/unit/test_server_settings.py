@@ -121,8 +121,10 @@ def test_every_flag_is_settable_by_file_and_environment(tmp_path: Path) -> None:
             changed[setting.key] = toml_value(other)
         elif isinstance(value, Path):
             changed[setting.key] = toml_value(f"/x/{setting.key}")
-        elif isinstance(value, tuple):
+        elif isinstance(value, tuple) or (value is None and setting.action.metavar == "HOST:PORT"):
             changed[setting.key] = toml_value("127.0.0.2:1234")
+        elif value is None:  # an unset number (the server derives its value)
+            changed[setting.key] = toml_value(12345)
         else:
             changed[setting.key] = toml_value(value * 2)
     config = tmp_path / "server.toml"
@@ -140,7 +142,10 @@ def test_print_config_is_toml_that_reads_back_to_the_same_settings(tmp_path: Pat
     resolved = _resolve(["--pids-max", "9", "--listen", "[::1]:0"], {"JOB_WORKER_CGROUPS": "off"})
     text = render(resolved)
     data = tomllib.loads(text)
-    assert set(data) == {s.key for s in resolved.settings}
+    unset = {s.key for s in resolved.settings if getattr(resolved.args, s.dest) is None}
+    assert unset == {"min-free-disk", "metrics-listen"}
+    assert set(data) == {s.key for s in resolved.settings} - unset
+    assert re.search(r"^# metrics-listen is not set  # default$", text, re.M)
     assert re.search(r"^pids-max = 9  # flag --pids-max$", text, re.M)
     assert re.search(r'^cgroups = "off"  # environment JOB_WORKER_CGROUPS$', text, re.M)
     assert re.search(r"^idle-timeout = 300.0  # default$", text, re.M)
@@ -160,13 +165,17 @@ def test_the_example_file_lists_every_setting_with_its_default() -> None:
     parser = build_parser()
     defaults = _resolve([]).args
     lines = EXAMPLE.read_text().splitlines()
-    keys = [m.group(1) for line in lines if (m := re.match(r"^([a-z-]+) = ", line))]
+    # A setting that is unset by default is shown commented out, with an example value.
+    keys = [m.group(1) for line in lines if (m := re.match(r"^(?:# )?([a-z-]+) = ", line))]
     assert keys == [s.key for s in settings_of(parser)]
     for setting in settings_of(parser):
-        [index] = [i for i, line in enumerate(lines) if line.startswith(f"{setting.key} = ")]
+        value = getattr(defaults, setting.dest)
+        prefix = f"# {setting.key} = " if value is None else f"{setting.key} = "
+        [index] = [i for i, line in enumerate(lines) if line.startswith(prefix)]
         comment = lines[index - 1]
         assert comment.startswith("# "), setting.key
-        default = toml_value(getattr(defaults, setting.dest))
+        default = "unset" if value is None else toml_value(value)
         assert comment.endswith(f" default: {default}"), (setting.key, comment, default)
     loaded = _resolve(["--config", str(EXAMPLE)])
-    assert set(loaded.sources.values()) == {f"file {EXAMPLE}"}
+    unset = {s.dest for s in settings_of(parser) if getattr(defaults, s.dest) is None}
+    assert {v for k, v in loaded.sources.items() if k not in unset} == {f"file {EXAMPLE}"}
