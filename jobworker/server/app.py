@@ -18,7 +18,6 @@ import os
 import signal
 import ssl
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -34,7 +33,12 @@ from jobworker.server.config import ServerConfig
 from jobworker.server.handler import ConnectionHandler, MethodTable
 from jobworker.server.health import Health
 from jobworker.server.listener import Listener, format_address
-from jobworker.server.metrics import ObservedManager, ServerMetrics, cgroups_label
+from jobworker.server.metrics import (
+    ObservedManager,
+    ServerMetrics,
+    cgroups_label,
+    file_system_now,
+)
 from jobworker.server.metrics_http import open_metrics_server
 from jobworker.server.reflection import Reflection
 from jobworker.server.service import SERVICE_NAME, JobService
@@ -164,7 +168,8 @@ async def serve(
             reaper = Reaper()
             reaper.enable()
             await root.start(reaper.run)
-            loading_since = time.time()  # records marked LOST from here on are this start's
+            # Records marked LOST from here on are this start's (see metrics.lost_since).
+            loading_since = file_system_now(config.data_dir) if config.metrics_listen else 0.0
             async with open_job_manager(
                 config.data_dir,
                 controller=controller,

@@ -17,6 +17,8 @@ server, except those it found LOST, which count as ended with reason_kind ``lost
 from __future__ import annotations
 
 import collections
+import os
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -44,8 +46,6 @@ from jobworker.server.listener import Listener
 # unary calls to streams that follow a job for hours.
 JOB_START_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60)
-# File times come from the kernel's coarse clock, which may lag time.time() a little.
-MTIME_SLACK_S = 1.0
 REASON_KINDS = ("exited", "stopped", "oom", "timeout", "lost", "start_failed", "shutdown")
 
 
@@ -121,9 +121,16 @@ class ServerMetrics:
         self, manager: JobManager, listener: Listener, *, data_dir: Path, since: float
     ) -> None:
         """Report the manager's jobs and the listener's connections at every scrape.
-        ``since``: the wall-clock time this server began loading ``data_dir``."""
+        ``since``: ``file_system_now(data_dir)`` taken before the records were loaded."""
         lost = lost_since(manager, data_dir, since)
         self.registry.register(_StateCollector(manager, listener, lost))
+
+
+def file_system_now(directory: Path) -> float:
+    """The modification time a file written in ``directory`` now gets. File times come from
+    the kernel's coarse clock, which may lag time.time(): compare file times with this."""
+    with tempfile.TemporaryFile(dir=directory) as probe:
+        return os.fstat(probe.fileno()).st_mtime
 
 
 def lost_since(manager: JobManager, data_dir: Path, since: float) -> list[str]:
@@ -135,8 +142,7 @@ def lost_since(manager: JobManager, data_dir: Path, since: float) -> list[str]:
         if record.status is not JobStatus.LOST:
             continue
         try:
-            written = (store.job_dir(record.id) / RECORD_NAME).stat().st_mtime
-            if written >= since - MTIME_SLACK_S:
+            if (store.job_dir(record.id) / RECORD_NAME).stat().st_mtime >= since:
                 found.append(record.id)
         except OSError:
             continue
