@@ -277,22 +277,26 @@ def test_a_reader_that_falls_behind_is_counted_as_a_catch_up(
     metered: ServerProc, admin: worker_pb2_grpc.JobServiceStub
 ) -> None:
     size = 64 * 1024 * 1024  # far more than HTTP/2 windows and the reader's live buffer
+    # The job waits for a file before its burst: by then the reader has caught up with
+    # "ready" and joined the live path, so the burst has to overtake it there.
+    script = f"echo ready; while [ ! -e go ]; do sleep 0.01; done; exec head -c {size} /dev/zero"
     job = admin.CreateJob(
-        worker_pb2.CreateJobReq(command="head", args=["-c", str(size), "/dev/zero"]),
-        timeout=TIMEOUT,
+        worker_pb2.CreateJobReq(command="sh", args=["-c", script]), timeout=TIMEOUT
     )
     stream = admin.GetJobsStream(worker_pb2.GetJobsStreamReq(id=job.id), timeout=60)
-    received = len(next(stream).payload)
+    first = next(stream).payload
+    assert first == b"ready\n"
+    (metered.data_dir / "jobs" / job.id / "work" / "go").touch()
     # Stop reading until the job has ended: the pump runs ahead of this reader.
     deadline = time.monotonic() + 60
     while admin.GetJob(worker_pb2.GetJobReq(id=job.id), timeout=TIMEOUT).status == "RUNNING":
         assert time.monotonic() < deadline, "the job did not end"
         time.sleep(0.05)
-    received += sum(len(chunk.payload) for chunk in stream)
-    assert received == size
+    received = len(first) + sum(len(chunk.payload) for chunk in stream)
+    assert received == len(first) + size
     samples = scrape_until(
         metrics_address(metered), lambda s: value(s, "jobworker_streams_active") == 0
     )
     assert (value(samples, "jobworker_stream_catch_ups_total") or 0) >= 1
-    assert value(samples, "jobworker_stream_bytes_total") == size
-    assert value(samples, "jobworker_output_bytes_total") == size
+    assert value(samples, "jobworker_stream_bytes_total") == received
+    assert value(samples, "jobworker_output_bytes_total") == received
