@@ -124,26 +124,27 @@ def test_list_jobs_pages_through_large_jobs_each_page_within_the_limit(
     assert listed_ids(stub, newestFirst=True) == ["5", "4", "3", "2", "1"]
 
 
-def test_jobworker_list_prints_every_job_of_a_listing_too_large_for_get_jobs(
-    test_pki: TestPKI, big_server: ServerProc, capfdbinary: pytest.CaptureFixture[bytes]
-) -> None:
+def cli_list_as_viewer(
+    test_pki: TestPKI, server: ServerProc, capfdbinary: pytest.CaptureFixture[bytes]
+) -> list[str]:
+    """The lines `jobworker list` prints with the viewer certificate (it must exit 0)."""
     capfdbinary.readouterr()
     code = main(
         [
-            "--server",
-            big_server.address,
-            "--cert",
-            str(test_pki.cert("viewer-client")),
-            "--key",
-            str(test_pki.key("viewer-client")),
-            "--ca",
-            str(test_pki.ca_cert),
+            *("--server", server.address, "--cert", str(test_pki.cert("viewer-client"))),
+            *("--key", str(test_pki.key("viewer-client")), "--ca", str(test_pki.ca_cert)),
             "list",
         ]
     )
     out, err = capfdbinary.readouterr()
     assert code == 0, err
-    lines = out.decode().splitlines()
+    return out.decode().splitlines()
+
+
+def test_jobworker_list_prints_every_job_of_a_listing_too_large_for_get_jobs(
+    test_pki: TestPKI, big_server: ServerProc, capfdbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    lines = cli_list_as_viewer(test_pki, big_server, capfdbinary)
     assert [line.split()[:2] for line in lines] == [[str(i), "COMPLETED"] for i in range(1, 6)]
     assert all(line.endswith(f"Command: /bin/true {' '.join([BIG_ARG] * 10)}") for line in lines)
 
@@ -275,23 +276,7 @@ def test_get_jobs_still_answers_a_listing_that_fits(
 def test_jobworker_list_pages_through_thousands_of_records(
     test_pki: TestPKI, many_server: ServerProc, capfdbinary: pytest.CaptureFixture[bytes]
 ) -> None:
-    capfdbinary.readouterr()
-    code = main(
-        [
-            "--server",
-            many_server.address,
-            "--cert",
-            str(test_pki.cert("viewer-client")),
-            "--key",
-            str(test_pki.key("viewer-client")),
-            "--ca",
-            str(test_pki.ca_cert),
-            "list",
-        ]
-    )
-    out, err = capfdbinary.readouterr()
-    assert code == 0, err
-    lines = out.decode().splitlines()
+    lines = cli_list_as_viewer(test_pki, many_server, capfdbinary)
     assert [line.split()[0] for line in lines][:RECORDS] == [str(n) for n in range(1, RECORDS + 1)]
     assert lines[41] == (
         f"42 {STATUSES[0].value} StartTime: 2026-01-01T00:00:00Z Command: /bin/echo 'record 42'"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -19,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from jobworker.api import worker_pb2, worker_pb2_grpc
-from tests.support import grpc_credentials, skip_unless
+from tests.support import grpc_credentials, server_command, skip_unless
 
 if TYPE_CHECKING:
     from tests.conftest import TestPKI
@@ -243,20 +242,9 @@ def test_a_metrics_address_in_use_is_one_line_and_exit_2(
     metered: ServerProc, server_factory: ServerFactory
 ) -> None:
     taken = metrics_address(metered)
+    other_data = metered.data_dir.parent / "other-data"
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jobworker.server",
-            "--listen",
-            "127.0.0.1:0",
-            "--certs-dir",
-            str(metered.certs_dir),
-            "--data-dir",
-            str(metered.data_dir.parent / "other-data"),
-            "--metrics-listen",
-            taken,
-        ],
+        server_command(metered.certs_dir, other_data, "--metrics-listen", taken),
         capture_output=True,
         text=True,
         timeout=30,
