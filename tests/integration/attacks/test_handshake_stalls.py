@@ -20,13 +20,16 @@ DROP_SLACK_S = 4.0  # dropped within handshake timeout + this (loaded 2-core box
 
 
 async def _stall(arena: Arena, payload: bytes, closed_after: list[float]) -> None:
+    # Timed from before the connect: the server's timer starts at its accept, which comes
+    # after, so a drop can never look early however late this task resumes (with 250 of
+    # them on one loop, a connect's return can lag the accept by a good part of a second).
+    started = time.monotonic()
     stream = await tools.open_tcp(arena.address)
     try:
         if payload:
             await stream.send_all(payload)
-        closed_after.append(
-            await tools.wait_closed_by_peer(stream, HANDSHAKE_TIMEOUT_S + DROP_SLACK_S)
-        )
+        await tools.wait_closed_by_peer(stream, HANDSHAKE_TIMEOUT_S + DROP_SLACK_S)
+        closed_after.append(time.monotonic() - started)
     finally:
         await stream.aclose()
 
@@ -52,8 +55,8 @@ async def test_stalled_handshakes_are_dropped_and_new_clients_connect(arena: Are
     assert len(silent_closed) == SILENT
     assert len(half_closed) == HALF_HELLO
     every = silent_closed + half_closed
-    # Not before the timeout (0.8: timers and the accept queue), not long after it.
-    assert min(every) >= 0.8 * HANDSHAKE_TIMEOUT_S, f"dropped early: {min(every):.2f} s"
+    # Not before the timeout (0.95: timer granularity), not long after it.
+    assert min(every) >= 0.95 * HANDSHAKE_TIMEOUT_S, f"dropped early: {min(every):.2f} s"
     assert max(every) <= HANDSHAKE_TIMEOUT_S + DROP_SLACK_S
     lines = [
         line for line in tools.log_lines_since(arena.srv, before) if "handshake" in line.lower()
