@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,12 +84,32 @@ def cgroup_own_dirs() -> list[Path]:
 
 def in_throttled_io(pid: int, command: bytes) -> bool:
     """True while ``pid`` runs ``command`` (it has exec'd: not its launch shim) and sleeps in
-    the kernel (D state), as a process waiting for throttled IO does."""
+    the kernel (D state), as a process waiting for throttled IO does.
+
+    Read from /proc/<pid>/stat alone: its comm is the exec'd program's name, and unlike
+    cmdline it is read without touching the process's memory.
+    """
     try:
-        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+        data = Path(f"/proc/{pid}/stat").read_bytes()
     except OSError:
         return False
-    return Path(argv0.decode()).name.encode() == command and proc_state(pid) == "D"
+    comm = data[data.find(b"(") + 1 : data.rfind(b")")]
+    return comm == command[:15] and data[data.rfind(b")") + 2 :][:1] == b"D"
+
+
+def describe_processes(pids: Iterable[int]) -> str:
+    """One "pid state comm wchan" entry per pid, for a failure message."""
+    entries = []
+    for pid in pids:
+        try:
+            data = Path(f"/proc/{pid}/stat").read_bytes()
+            wchan = Path(f"/proc/{pid}/wchan").read_text()
+        except OSError:
+            continue
+        comm = data[data.find(b"(") + 1 : data.rfind(b")")].decode(errors="replace")
+        state = data[data.rfind(b")") + 2 :][:1].decode()
+        entries.append(f"{pid} {state} {comm} {wchan or '-'}")
+    return "; ".join(entries) or "none"
 
 
 def pid_alive(pid: int) -> bool:

@@ -12,17 +12,17 @@ import grpc
 import pytest
 
 from jobworker.api import worker_pb2, worker_pb2_grpc
-from tests.support import grpc_credentials, in_throttled_io, pid_alive
+from tests.support import describe_processes, grpc_credentials, in_throttled_io, pid_alive
 
 if TYPE_CHECKING:
     from tests.conftest import TestPKI
     from tests.integration.conftest import ServerFactory, ServerProc
 
 
-def _poll(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+def _poll(predicate: Callable[[], bool], timeout: float, what: Callable[[], str]) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what()}"
         time.sleep(0.01)
 
 
@@ -48,7 +48,13 @@ def test_stop_of_a_job_in_throttled_io_returns_at_once(
             held[:] = [pid for pid in server.children() if in_throttled_io(pid, b"dd")]
             return bool(held)
 
-        _poll(dd_held, 5, "dd held by the IO throttle")
+        # Generous: this bound only ends a failing run, and the spawn into six v1 hierarchies
+        # waits in the kernel, longer on a loaded machine.
+        _poll(
+            dd_held,
+            30,
+            lambda: f"dd held by the IO throttle: {describe_processes(server.children())}",
+        )
         started = time.monotonic()
         stopped = stub.StopJob(worker_pb2.StopJobReq(id=job.id), timeout=10)
         took = time.monotonic() - started
