@@ -169,6 +169,63 @@ def proc_rss_bytes(pid: int) -> int:
     return 0
 
 
+def proc_private_bytes(pid: int) -> int:
+    """Private_Clean + Private_Dirty of pid (smaps_rollup): memory no other process shares."""
+    total = 0
+    try:
+        lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+    except OSError:
+        return 0
+    for line in lines:
+        if line.startswith(("Private_Clean:", "Private_Dirty:")):
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+def descendants_of(root: int) -> list[int]:
+    """Every live descendant of ``root`` (the launcher, the jobs' inits and commands)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found: list[int] = []
+    frontier = {root}
+    while frontier:
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier}
+        found += frontier
+    return found
+
+
+def supervision_private_bytes(server_pid: int, command: str) -> int:
+    """Private memory of the server and of every process it runs but the jobs' own
+    ``command`` processes: what supervising the jobs costs (server, launcher, job inits)."""
+    total = proc_private_bytes(server_pid)
+    for pid in descendants_of(server_pid):
+        try:
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue
+        if comm != command:
+            total += proc_private_bytes(pid)
+    return total
+
+
+def supervision_cpu_s(server_pid: int, command: str) -> float:
+    """CPU seconds of the server and of its helpers (launcher, job inits), not of ``command``."""
+    total = proc_cpu_seconds(server_pid)
+    for pid in descendants_of(server_pid):
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() != command:
+                total += proc_cpu_seconds(pid)
+        except OSError:
+            continue
+    return total
+
+
 def proc_cpu_seconds(pid: int) -> float:
     """utime + stime of pid (all its threads) from /proc/PID/stat."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -270,7 +327,9 @@ class Env:
     _servers: int = 0
 
     @contextlib.contextmanager
-    def jobworker(self, data_dir: Path | None = None) -> Iterator[Server]:
+    def jobworker(
+        self, data_dir: Path | None = None, extra_args: tuple[str, ...] = ()
+    ) -> Iterator[Server]:
         """A fresh jobworker server (own data dir, removed afterwards unless given)."""
         self._servers += 1
         own = data_dir is None
@@ -286,6 +345,7 @@ class Env:
             "--data-dir",
             str(data),
             *self.server_args,
+            *extra_args,
         ]
         server = Server("jobworker", argv, self.tmp / f"server-{self._servers}.log")
         try:
@@ -428,6 +488,13 @@ def rpc_floor(env: Env, stub: worker_pb2_grpc.JobServiceStub) -> float:
     return env.floors["rpc"]
 
 
+# CreateJob measured again with less to set up per job: what isolation and cgroups cost.
+START_VARIANTS = (
+    ("--isolation none", ("--isolation", "none")),
+    ("--isolation none --cgroups off", ("--isolation", "none", "--cgroups", "off")),
+)
+
+
 def fig_start(env: Env) -> None:
     """1. CreateJob /bin/true vs the spawn floor and the RPC floor (GetJob on our server)."""
     n = env.scale.start_calls
@@ -459,6 +526,24 @@ def fig_start(env: Env) -> None:
         ratio(median(create), median(spawn) + median(rpc)),
         f"excess over floors {ms(median(create) - median(spawn) - median(rpc))}",
     )
+    for label, flags in START_VARIANTS:
+        with env.jobworker(extra_args=flags) as server, env.stub(server) as stub:
+            variant = rpc_latencies(
+                lambda: stub.CreateJob(
+                    pb.CreateJobReq(command="/bin/true"), timeout=RPC_TIMEOUT_S
+                ),
+                n,
+                warmup=5,
+            )
+        results.raw["start"][label] = variant
+        results.add(
+            "1 start",
+            f"CreateJob /bin/true, {label}",
+            f"{ms(median(variant))} (p99 {ms(p99(variant))})",
+            f"spawn+RPC floor {ms(median(spawn) + median(rpc))}",
+            ratio(median(variant), median(spawn) + median(rpc)),
+            f"excess over floors {ms(median(variant) - median(spawn) - median(rpc))}",
+        )
     results.add(
         "1 start",
         "create minus RPC floor vs spawn floor",
@@ -712,14 +797,16 @@ def fig_scale(env: Env) -> None:
         time.sleep(window)  # the idle window IS the measurement (CPU over wall time)
         idle_cpu = (server.cpu_s() - cpu0) / window
         rss0 = server.rss_mb()
+        private0 = supervision_private_bytes(server.pid, "sleep")
         started = time.perf_counter()
         for _ in range(n):
             stub.CreateJob(pb.CreateJobReq(command="sleep", args=["30"]), timeout=RPC_TIMEOUT_S)
         create_s = time.perf_counter() - started
         rss1 = server.rss_mb()
-        cpu0 = server.cpu_s()
+        private1 = supervision_private_bytes(server.pid, "sleep")
+        cpu0 = supervision_cpu_s(server.pid, "sleep")
         time.sleep(window)
-        sleeping_cpu = (server.cpu_s() - cpu0) / window
+        sleeping_cpu = (supervision_cpu_s(server.pid, "sleep") - cpu0) / window
         running = sum(1 for j in stub.GetJobs(pb.EmptyRequest()).jobs if j.status == "RUNNING")
         list_lat = rpc_latencies(lambda: stub.GetJobs(pb.EmptyRequest()), 20, warmup=2)
         stop_s = server.stop()
@@ -728,6 +815,8 @@ def fig_scale(env: Env) -> None:
         "create_s": create_s,
         "rss_before_mb": rss0,
         "rss_after_mb": rss1,
+        "supervision_private_before": private0,
+        "supervision_private_after": private1,
         "idle_cpu": idle_cpu,
         "sleeping_cpu": sleeping_cpu,
         "running_at_window_end": running,
@@ -751,7 +840,15 @@ def fig_scale(env: Env) -> None:
     )
     env.results.add(
         "6 scale",
-        f"server CPU, {n} jobs sleeping, {window:.0f} s window",
+        "private memory per running job (server, launcher, job init)",
+        f"{(private1 - private0) / n / 1024:.1f} KB",
+        "target 200 KB",
+        ratio((private1 - private0) / n, 200 * 1024),
+        f"{private0 / MIB:.1f} -> {private1 / MIB:.1f} MiB in all",
+    )
+    env.results.add(
+        "6 scale",
+        f"server CPU (with launcher and inits), {n} jobs sleeping, {window:.0f} s window",
         f"{sleeping_cpu:.2%} of a core",
         f"idle server {idle_cpu:.2%}",
         f"+{(sleeping_cpu - idle_cpu) * 100:.2f} pts",

@@ -5,14 +5,18 @@ from __future__ import annotations
 import os
 import shlex
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import pytest
 
 from jobworker import pki
+
+if TYPE_CHECKING:
+    from jobworker.cgroups.base import JobCgroup
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -52,6 +56,12 @@ def skip_unless(condition: bool, reason: str) -> None:
     if IN_CI:
         pytest.fail(f"required in CI but unavailable: {reason}")
     pytest.skip(reason)
+
+
+# The Python that job commands run: a job runs as an unprivileged uid of its own, which may
+# not execute this interpreter when it lives under a private home (pyenv's under /root);
+# the system's can. Job scripts use the standard library only.
+JOB_PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
 
 
 # /proc inspection: one parser for every test ("pid (comm) S ppid ...": comm may hold spaces and
@@ -172,3 +182,14 @@ def grpc_credentials(test_pki: TestPKI, stem: str) -> grpc.ChannelCredentials:
         private_key=test_pki.key(stem).read_bytes(),
         certificate_chain=test_pki.cert(stem).read_bytes(),
     )
+
+
+def placed_argv(cgroup: JobCgroup, argv: Sequence[str]) -> list[str]:
+    """argv that joins every cgroup of ``cgroup`` and then execs ``argv``: how the driver
+    tests start a process inside a job's cgroups without the launcher (``echo $$`` writes the
+    shell's own pid, which ``exec`` keeps)."""
+    files = cgroup.procs_files()
+    if not files:
+        return list(argv)
+    writes = " && ".join(f"echo $$ >{shlex.quote(str(path))}" for path in files)
+    return ["/bin/sh", "-c", f'{writes} && exec "$@"', "placed", *argv]

@@ -1,14 +1,12 @@
 """Resource control: cgroup v1 and v2 drivers behind one interface (see base.py).
 
-``detect_controller(mode)`` picks the driver at server start; ``Reaper`` reaps orphans that
-reparent to the server (a child subreaper).
+``detect_controller(mode)`` picks the driver at server start.
 """
 
 from __future__ import annotations
 
 from jobworker.cgroups.base import JobCgroup, Limits, ResourceController, Usage
 from jobworker.cgroups.detect import CgroupMode, CgroupsUnavailable, detect_controller
-from jobworker.cgroups.reaper import Reaper
 from jobworker.cgroups.v1 import V1Controller, V1JobCgroup
 from jobworker.cgroups.v2 import V2Controller, V2JobCgroup
 
@@ -17,7 +15,6 @@ __all__ = [
     "CgroupsUnavailable",
     "JobCgroup",
     "Limits",
-    "Reaper",
     "ResourceController",
     "Usage",
     "V1Controller",

@@ -1,16 +1,17 @@
 """The seam between the engine and resource control.
 
-The engine asks a ResourceController for one JobCgroup per job, wraps the
-job's argv with it (so the process joins its cgroup before exec), tells it
-the pid once spawned, watches it for OOM, and kills through it. Drivers:
+The engine asks a ResourceController for one JobCgroup per job, hands its
+``cgroup.procs`` files to the launcher (the job's process joins them itself,
+before it execs), tells it the pid once spawned, watches it for OOM, and kills
+through it. Drivers:
 ``v1`` and ``v2`` (real cgroups) and ``null`` (no cgroups: process-group
 kill, nothing enforced).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 # The spec's defaults for a limit left at 0 ("Resource Limits").
@@ -42,19 +43,14 @@ class Usage:
 class JobCgroup(Protocol):
     """The control group(s) of one job, in every hierarchy the driver uses."""
 
-    def wrap_argv(self, argv: Sequence[str]) -> list[str]:
-        """Return the argv to spawn so that the process joins the job's cgroup *before* it
-        execs ``argv`` (a tiny shell shim); anything it forks starts inside the limits."""
+    def procs_files(self) -> list[Path]:
+        """The ``cgroup.procs`` file of each of the job's cgroups: the launcher's child
+        writes itself into every one before it execs the command, so anything it forks
+        starts inside the limits. Empty when there are no cgroups."""
         ...
 
     def attach(self, pid: int) -> None:
-        """Called once the job's main process is spawned (its pid is also its pgid)."""
-        ...
-
-    def placed(self, pid: int) -> bool:
-        """True once ``pid`` has joined every cgroup of the job. The shim writes its pid a
-        moment after it starts: until then a kill through the cgroup would miss it and
-        whatever it forks next, so the engine waits for this before reporting the job started."""
+        """Called once the job's main process runs, placed (its pid is also its pgid)."""
         ...
 
     def oom_kills(self) -> int:

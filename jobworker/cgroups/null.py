@@ -1,7 +1,7 @@
 """The no-cgroup driver: nothing is enforced, a job is its process group.
 
 Used when no cgroup hierarchy is usable (or when resource control is turned
-off). The job's main process is spawned in its own session, so its pid is
+off). The job's main process starts its own session, so its pid is
 also its process-group id; killing the job means signalling that group.
 Known limit, by construction: a process that leaves the group (``setsid``)
 escapes both the kill and the accounting. The real drivers (v1/v2) do not
@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from collections.abc import Sequence
+from pathlib import Path
 
 import trio
 
@@ -69,14 +69,11 @@ class NullCgroup:
         self.job_id = job_id
         self._pgid: int | None = None
 
-    def wrap_argv(self, argv: Sequence[str]) -> list[str]:
-        return list(argv)
+    def procs_files(self) -> list[Path]:
+        return []
 
     def attach(self, pid: int) -> None:
-        self._pgid = pid  # spawned with start_new_session: pid == pgid
-
-    def placed(self, pid: int) -> bool:
-        return True  # the process group exists from the spawn on
+        self._pgid = pid  # the launcher's child starts its own session: pid == pgid
 
     def oom_kills(self) -> int:
         return 0

@@ -22,7 +22,6 @@ from jobworker.cgroups.base import Limits, Usage
 from jobworker.cgroups.controller import CgroupController
 from jobworker.cgroups.kill import kill_rounds, terminate_phase, wait_until
 from jobworker.cgroups.layout import Hierarchy
-from jobworker.cgroups.shim import shim_argv
 from jobworker.errors import JobStartFailed
 
 log = logging.getLogger(__name__)
@@ -51,16 +50,11 @@ class V1JobCgroup:
 
     # -- placement ---------------------------------------------------------------------
 
-    def wrap_argv(self, argv: Sequence[str]) -> list[str]:
-        return shim_argv([d / "cgroup.procs" for d in self._unique], argv)
+    def procs_files(self) -> list[Path]:
+        return [d / "cgroup.procs" for d in self._unique]
 
     def attach(self, pid: int) -> None:
-        """Nothing to do: placement happens in the shim."""
-
-    def placed(self, pid: int) -> bool:
-        # The shim writes the hierarchies in this order: in the last one means in all.
-        last = self._unique[-1]
-        return str(pid) in (cgfs.read_text(last / "cgroup.procs") or "").split()
+        """Nothing to do: the launcher's child placed itself."""
 
     @property
     def paths(self) -> list[Path]:

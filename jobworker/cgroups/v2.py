@@ -30,7 +30,6 @@ from jobworker.cgroups.controller import CgroupController
 from jobworker.cgroups.inotify import FileWatch
 from jobworker.cgroups.kill import ROUND_WAIT_S, kill_rounds, terminate_phase, wait_until
 from jobworker.cgroups.layout import Hierarchy
-from jobworker.cgroups.shim import shim_argv
 from jobworker.errors import JobStartFailed, LimitRefused
 
 log = logging.getLogger(__name__)
@@ -50,14 +49,11 @@ class V2JobCgroup:
         self.directory = directory
         self._controllers = controllers
 
-    def wrap_argv(self, argv: Sequence[str]) -> list[str]:
-        return shim_argv([self.directory / "cgroup.procs"], argv)
+    def procs_files(self) -> list[Path]:
+        return [self.directory / "cgroup.procs"]
 
     def attach(self, pid: int) -> None:
-        """Nothing to do: placement happens in the shim."""
-
-    def placed(self, pid: int) -> bool:
-        return str(pid) in (cgfs.read_text(self.directory / "cgroup.procs") or "").split()
+        """Nothing to do: the launcher's child placed itself."""
 
     def pids(self) -> set[int]:
         return cgfs.pids_in([self.directory])

@@ -5,7 +5,6 @@ No gRPC, TLS or protobuf here; the server converts at its edge.
 
 from __future__ import annotations
 
-from jobworker.engine.job import SHUTDOWN_REASON, STOP_GRACE_S, STOPPED_REASON
 from jobworker.engine.manager import JobManager, open_job_manager
 from jobworker.engine.model import (
     JobRecord,
@@ -17,8 +16,8 @@ from jobworker.engine.model import (
     utc_now,
 )
 from jobworker.engine.output import OutputReader
-from jobworker.engine.reaping import Reaper
 from jobworker.engine.store import LOST_REASON
+from jobworker.engine.supervision import SHUTDOWN_REASON, STOP_GRACE_S, STOPPED_REASON
 
 __all__ = [
     "LOST_REASON",
@@ -31,7 +30,6 @@ __all__ = [
     "JobStatus",
     "Limits",
     "OutputReader",
-    "Reaper",
     "Usage",
     "open_job_manager",
     "rfc3339",

@@ -10,7 +10,7 @@ the records and leaves no process behind. Records that could not be written
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
@@ -19,19 +19,28 @@ import trio
 from jobworker import logtext
 from jobworker.cgroups.base import DEFAULT_PIDS_MAX, ResourceController
 from jobworker.cgroups.null import NullController
-from jobworker.engine.job import (
+from jobworker.engine.job import Job
+from jobworker.engine.model import JobRecord, JobSpec, JobStatus, Usage, utc_now
+from jobworker.engine.output import OutputLog, OutputReader
+from jobworker.engine.spec import job_environment, resolve_command, validate_spec
+from jobworker.engine.store import JobStore, LoadedJobs
+from jobworker.engine.supervision import (
     CLEANUP_TIMEOUT_S,
     SHUTDOWN_REASON,
     STOP_GRACE_S,
     STOPPED_REASON,
-    Job,
+    SupervisedJob,
 )
-from jobworker.engine.model import JobRecord, JobSpec, JobStatus, Usage, utc_now
-from jobworker.engine.output import OutputLog, OutputReader
-from jobworker.engine.reaping import Reaper
-from jobworker.engine.spec import job_environment, resolve_command, validate_spec
-from jobworker.engine.store import JobStore, LoadedJobs
-from jobworker.errors import DataDiskFull, JobNotFound, JobNotRunning, JobStartFailed
+from jobworker.errors import (
+    CommandNotExecutable,
+    DataDiskFull,
+    JobNotFound,
+    JobNotRunning,
+    JobStartFailed,
+)
+from jobworker.launch.launcher import Launcher
+from jobworker.launch.request import Isolation, LaunchRequest
+from jobworker.launch.users import JobUsers, UsersUnusable
 
 __all__ = [
     "DEFAULT_MIN_FREE_DISK_BYTES",
@@ -75,7 +84,10 @@ class JobManager:
         controller: ResourceController,
         *,
         stop_grace: float,
-        reaper: Reaper | None,
+        launcher: Launcher,
+        isolation: Isolation,
+        users: JobUsers,
+        hidden: Sequence[Path],
         pids_max: int,
         next_id: int,
         min_free_disk: int,
@@ -84,7 +96,10 @@ class JobManager:
         self._store = store
         self._controller = controller
         self._grace = stop_grace
-        self._reaper = reaper
+        self._launcher = launcher
+        self._isolation = isolation
+        self._users = users
+        self._hidden = [str(path) for path in hidden]
         self._pids_max = pids_max
         self._next_id = next_id
         self._min_free_disk = min_free_disk
@@ -102,7 +117,7 @@ class JobManager:
             job_id=record.id,
             missing=output_length is None,
         )
-        self._jobs[record.id] = Job(record, output, store=self._store)
+        self._jobs[record.id] = Job(record, output)
 
     def _job(self, job_id: str) -> Job:
         job = self._jobs.get(job_id)
@@ -126,6 +141,8 @@ class JobManager:
             raise JobStartFailed("the worker is shutting down")
         limits = validate_spec(spec, pids_max=self._pids_max)
         executable = await trio.to_thread.run_sync(resolve_command, spec.command)
+        if not await trio.to_thread.run_sync(self._users.may_execute, executable):
+            raise CommandNotExecutable(executable, "permission denied for the job user")
         free, _ = await trio.to_thread.run_sync(self._store.free_bytes)
         if free < self._min_free_disk:
             log.warning(
@@ -144,11 +161,29 @@ class JobManager:
         # limit (raised by create) leaves the counter untouched.
         job_id = str(self._next_id)
         try:
+            ids = self._users.allocate()
+        except UsersUnusable as exc:
+            raise JobStartFailed(str(exc)) from None
+        try:
             cgroup = self._controller.create(job_id, limits)
-        except OSError:
-            log.exception("job %s: cannot create its cgroup", job_id)
-            raise JobStartFailed("could not create the job's resource controls") from None
+        except BaseException as exc:
+            self._users.release(None if ids is None else ids[0])
+            if isinstance(exc, OSError):
+                log.exception("job %s: cannot create its cgroup", job_id)
+                raise JobStartFailed("could not create the job's resource controls") from None
+            raise
         self._next_id += 1
+        work_dir = str(self._store.work_dir(job_id))
+        request = LaunchRequest(
+            job_id=job_id,
+            argv=[executable, *spec.args],
+            env={**self._env, "HOME": work_dir},
+            work_dir=work_dir,
+            isolation=self._isolation,
+            hidden=self._hidden,
+            uid=None if ids is None else ids[0],
+            gid=None if ids is None else ids[1],
+        )
         record = JobRecord(
             id=job_id,
             command=spec.command,
@@ -157,15 +192,15 @@ class JobManager:
             status=JobStatus.INITIALIZING,
             start_time=utc_now(),
         )
-        job = Job(
+        job = SupervisedJob(
             record,
             OutputLog(self._store.output_path(job_id), job_id=job_id, reserve=self._store.reserve),
             store=self._store,
             cgroup=cgroup,
-            argv=[executable, *spec.args],
-            env=self._env,
+            launcher=self._launcher,
+            request=request,
             grace=self._grace,
-            reaper=self._reaper,
+            on_gone=lambda: self._users.release(request.uid),
         )
         self._jobs[job_id] = job
         log.info(
@@ -238,14 +273,7 @@ class JobManager:
     def usage(self, job_id: str) -> Usage | None:
         """A RUNNING job's resource usage, read from its cgroup now (None when the job is not
         running, has no cgroup, or its cgroup just went away). Raises JobNotFound."""
-        job = self._job(job_id)
-        cgroup = job._cgroup
-        if job.status is not JobStatus.RUNNING or cgroup is None:
-            return None
-        try:
-            return cgroup.usage()
-        except OSError:  # the job ended meanwhile and its cgroup was removed
-            return None
+        return self._job(job_id).usage()
 
     def _shutdown(self) -> None:
         self._closing = True
@@ -260,13 +288,19 @@ async def open_job_manager(
     *,
     controller: ResourceController | None = None,
     stop_grace: float = STOP_GRACE_S,
-    reaper: Reaper | None = None,
+    launcher: Launcher | None = None,
+    isolation: Isolation | None = None,
+    users: JobUsers | None = None,
+    hidden: Sequence[Path] = (),
     pids_max: int = DEFAULT_PIDS_MAX,
     min_free_disk: int | None = None,
 ) -> AsyncIterator[JobManager]:
     """Load the records of ``data_dir`` (INITIALIZING/RUNNING ones become LOST), sweep stale
     cgroups, and run the nursery that owns every job. ``controller`` None means no cgroups
-    (NullController); ``reaper`` None means no orphan reaper; ``min_free_disk`` None means
+    (NullController); ``launcher`` None means one of the manager's own (run in its nursery);
+    ``isolation`` None means none (jobs share the host's namespaces); ``users`` None means
+    jobs run as the server's user; ``hidden`` are the paths a job with its own mount
+    namespace must not see (the data dir always is one); ``min_free_disk`` None means
     ``default_min_free_disk`` of the data disk. Raises DataDirUnusable if ``jobs/`` is not a
     usable directory. The load is cancellable: it checks for cancellation between batches.
 
@@ -276,6 +310,9 @@ async def open_job_manager(
     """
     if controller is None:
         controller = NullController()
+    # Absolute: the data dir's paths reach jobs (their HOME) and the launcher (the work dir
+    # to bind, the data dir to hide).
+    data_dir = await trio.to_thread.run_sync(data_dir.resolve)
     store = JobStore(data_dir)
     loaded = await _load(store)
     free, total = await trio.to_thread.run_sync(store.free_bytes)
@@ -292,29 +329,40 @@ async def open_job_manager(
         controller.description,
     )
     async with trio.open_nursery() as keeper:
-        async with trio.open_nursery() as nursery:
-            manager = JobManager(
-                nursery,
-                store,
-                controller,
-                stop_grace=stop_grace,
-                reaper=reaper,
-                pids_max=pids_max,
-                next_id=loaded.highest_id + 1,
-                min_free_disk=floor,
-            )
-            for record in loaded.records:
-                manager._add_loaded(record, loaded.output_lengths[record.id])
-            manager.found_lost = tuple(loaded.found_lost)
-            keeper.start_soon(manager._keep_records)
-            try:
-                yield manager
-            finally:
-                manager._shutdown()
-                # Every job's cleanup is shielded and bounded on its own: the deadline only
-                # cuts the re-killing of processes that survived SIGKILL (left for the next
-                # start).
-                nursery.cancel_scope.deadline = trio.current_time() + SURVIVOR_WAIT_S
+        own_launcher = launcher is None
+        if launcher is None:
+            launcher = Launcher()
+            await keeper.start(launcher.run)
+        try:
+            async with trio.open_nursery() as nursery:
+                manager = JobManager(
+                    nursery,
+                    store,
+                    controller,
+                    stop_grace=stop_grace,
+                    launcher=launcher,
+                    isolation=isolation or Isolation(),
+                    users=users or JobUsers(fixed=None, uid_range=None),
+                    hidden=[data_dir, *hidden],
+                    pids_max=pids_max,
+                    next_id=loaded.highest_id + 1,
+                    min_free_disk=floor,
+                )
+                for record in loaded.records:
+                    manager._add_loaded(record, loaded.output_lengths[record.id])
+                manager.found_lost = tuple(loaded.found_lost)
+                keeper.start_soon(manager._keep_records)
+                try:
+                    yield manager
+                finally:
+                    manager._shutdown()
+                    # Every job's cleanup is shielded and bounded on its own: the deadline only
+                    # cuts the re-killing of processes that survived SIGKILL (left for the next
+                    # start).
+                    nursery.cancel_scope.deadline = trio.current_time() + SURVIVOR_WAIT_S
+        finally:
+            if own_launcher:
+                launcher.close()  # every job has ended: nothing needs it any more
         keeper.cancel_scope.cancel()
         with trio.move_on_after(FINAL_FLUSH_S, shield=True):
             if await trio.to_thread.run_sync(store.retry_unsaved):

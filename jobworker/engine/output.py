@@ -52,8 +52,8 @@ log = logging.getLogger("jobworker.engine")
 # = 1 MiB per reader at most, enough to absorb scheduling jitter of a healthy reader.
 LIVE_WINDOW_CHUNKS = 16
 # The same window in bytes: pump chunks range from a byte to a full pipe (1 MiB, see
-# engine.job), so the chunk count alone does not bound memory. One chunk is always accepted
-# into an empty queue.
+# engine.supervision), so the chunk count alone does not bound memory. One chunk is always
+# accepted into an empty queue.
 LIVE_WINDOW_BYTES = 1024 * 1024
 # Catch-up reads from the file: one thread round trip per 256 KiB instead of one per 64 KiB
 # chunk (a thread hop costs about as much CPU as sending a chunk); delivered in max_chunk

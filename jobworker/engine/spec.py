@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import os
-import pwd
 import stat
 import struct
 from collections.abc import Sequence
@@ -228,9 +227,5 @@ def resolve_command(command: str, search_path: str = JOB_PATH) -> str:
 
 
 def job_environment() -> dict[str, str]:
-    """The whole environment a job gets: PATH, HOME (the server user's) and LANG."""
-    try:
-        home = pwd.getpwuid(os.getuid()).pw_dir
-    except KeyError:
-        home = "/"
-    return {"PATH": JOB_PATH, "HOME": home, "LANG": JOB_LANG}
+    """The environment every job gets: PATH and LANG (HOME, its work dir, is added per job)."""
+    return {"PATH": JOB_PATH, "LANG": JOB_LANG}

@@ -277,11 +277,20 @@ class JobStore:
     def work_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id / WORK_NAME
 
-    def prepare(self, job_id: str) -> None:
-        """Create the job's directory and its scratch ``work`` dir (fails if the id is taken)."""
+    def prepare(self, job_id: str, owner: tuple[int, int] | None = None) -> None:
+        """Create the job's directory and its scratch ``work`` dir (fails if the id is taken),
+        the work dir owned by ``owner`` (uid, gid) when the job runs as another user.
+
+        The job's directory is searchable by anyone (0711): a job user that shares the
+        host's mount namespace reaches its work dir by path. Nothing in it is readable by
+        others (records and logs are 0600)."""
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
-        self.job_dir(job_id).mkdir(mode=0o700)
-        self.work_dir(job_id).mkdir(mode=0o700)
+        self.job_dir(job_id).mkdir(mode=0o711)
+        os.chmod(self.job_dir(job_id), 0o711)  # noqa: S103 (search only; mkdir's mode is cut by the umask)
+        work = self.work_dir(job_id)
+        work.mkdir(mode=0o700)
+        if owner is not None:
+            os.chown(work, *owner)
 
     def save(self, record: JobRecord, *, durable: bool = True) -> None:
         """Write the record atomically (a reader sees the old or the new file, never a mix).
@@ -328,7 +337,7 @@ class JobStore:
             info = os.lstat(self.jobs_dir)
         except FileNotFoundError:
             try:
-                self.jobs_dir.mkdir(parents=True, mode=0o700)
+                self.jobs_dir.mkdir(parents=True, mode=0o711)
             except OSError as exc:
                 raise DataDirUnusable(
                     f"cannot create {self.jobs_dir}: {exc.strerror or exc}"

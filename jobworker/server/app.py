@@ -27,8 +27,12 @@ from prometheus_client import generate_latest
 
 from jobworker.cgroups.base import ResourceController
 from jobworker.cgroups.detect import detect_controller
-from jobworker.cgroups.reaper import Reaper
 from jobworker.engine import open_job_manager
+from jobworker.launch.isolation import IsolationUnusable, establish_isolation, parse_isolation
+from jobworker.launch.launcher import Launcher, open_launcher
+from jobworker.launch.reaper import Reaper
+from jobworker.launch.request import Isolation
+from jobworker.launch.users import JobUsers, UsersUnusable
 from jobworker.server.config import ServerConfig, StartupError
 from jobworker.server.handler import ConnectionHandler, MethodTable
 from jobworker.server.health import Health
@@ -47,7 +51,6 @@ log = logging.getLogger("jobworker.server")
 SHUTDOWN_DRAIN_S = 3.0  # connections get this long to tell their clients before being cut
 CGROUP_CLEANUP_S = 5.0  # bound on removing our (empty) cgroup subtree at shutdown
 CGROUP_ROOT = "jobworker"  # job cgroups: <own cgroup>/jobworker/<instance>/<job id>
-ISOLATION = "none"  # jobs share the host's namespaces (reported in jobworker_info)
 
 
 def method_table(jobs: JobService, health: Health) -> MethodTable:
@@ -147,6 +150,20 @@ async def _removing_roots(controller: ResourceController) -> AsyncIterator[None]
             await controller.remove_roots()
 
 
+async def _job_sandbox(config: ServerConfig, launcher: Launcher) -> tuple[Isolation, JobUsers]:
+    """What every job will be isolated by and run as; logged in one line. Raises
+    StartupError when an explicit setting cannot be honoured here."""
+    try:
+        users = JobUsers.from_settings(config.job_user, config.job_uid_range)
+        isolation = await establish_isolation(
+            launcher, parse_isolation(config.isolation), str(config.data_dir.resolve())
+        )
+    except (IsolationUnusable, UsersUnusable) as exc:
+        raise StartupError(str(exc)) from None
+    log.info("job isolation: %s; %s", isolation.describe(), users.describe())
+    return isolation, users
+
+
 async def serve(
     config: ServerConfig,
     ssl_context: ssl.SSLContext,
@@ -210,54 +227,64 @@ async def serve(
             reaper = Reaper()
             reaper.enable()
             await root.start(reaper.run)
-            async with open_job_manager(
-                config.data_dir,
-                controller=controller,
-                stop_grace=config.stop_grace,
-                reaper=reaper,
-                pids_max=config.pids_max,
-                min_free_disk=config.min_free_disk,
-            ) as manager:
-                health = Health()
-                metrics = (  # without --metrics-listen nothing is counted: no cost per RPC
-                    ServerMetrics(cgroups=cgroups_label(controller), isolation=ISOLATION)
-                    if config.metrics_listen is not None
-                    else None
-                )
-                served = (
-                    manager if metrics is None else ObservedManager(manager, metrics).as_manager()
-                )
-                service = JobService(served, max_message_bytes=config.limits.max_message_bytes)
-                handler = ConnectionHandler(
-                    method_table(service, health),
-                    config.limits,
-                    None if metrics is None else metrics.observe_rpc,
-                )
-                sockets = [s for s in tcp.listeners if isinstance(s, anyio.abc.SocketListener)]
-                listener = Listener(
-                    sockets,
-                    ssl_context,
-                    handler,
-                    handshake_timeout=config.handshake_timeout,
-                    max_connections=config.max_connections,
-                )
-                listener_box.append(listener)
-                if metrics is not None and config.metrics_listen is not None:
-                    metrics.watch_state(manager, listener)
-                    await _serve_metrics(root, config.metrics_listen, metrics)
-                async with trio.open_nursery() as serving:
-                    await serving.start(listener.serve)
-                    host, port = listener.address
-                    health.set_serving()
-                    announce(f"listening on {format_address(host, port)}", "listening")
-                    notify("READY=1", f"STATUS=listening on {format_address(host, port)}")
-                    task_status.started((host, port))
-                    await shutdown.wait()
-                    notify("STOPPING=1", "STATUS=stopping jobs")
-                    await health.shut_down()  # watchers hear NOT_SERVING before GOAWAY
-                    listener.shutdown()
-                    serving.cancel_scope.deadline = trio.current_time() + SHUTDOWN_DRAIN_S
-                log.info("connections closed; stopping jobs")
+            async with open_launcher(root, reaper=reaper) as launcher:
+                isolation, users = await _job_sandbox(config, launcher)
+                async with open_job_manager(
+                    config.data_dir,
+                    controller=controller,
+                    stop_grace=config.stop_grace,
+                    launcher=launcher,
+                    isolation=isolation,
+                    users=users,
+                    hidden=[config.certs_dir.resolve()],
+                    pids_max=config.pids_max,
+                    min_free_disk=config.min_free_disk,
+                ) as manager:
+                    health = Health()
+                    metrics = (  # without --metrics-listen nothing is counted: no cost per RPC
+                        ServerMetrics(
+                            cgroups=cgroups_label(controller),
+                            isolation=",".join(isolation.names) or "none",
+                        )
+                        if config.metrics_listen is not None
+                        else None
+                    )
+                    served = (
+                        manager
+                        if metrics is None
+                        else ObservedManager(manager, metrics).as_manager()
+                    )
+                    service = JobService(served, max_message_bytes=config.limits.max_message_bytes)
+                    handler = ConnectionHandler(
+                        method_table(service, health),
+                        config.limits,
+                        None if metrics is None else metrics.observe_rpc,
+                    )
+                    sockets = [s for s in tcp.listeners if isinstance(s, anyio.abc.SocketListener)]
+                    listener = Listener(
+                        sockets,
+                        ssl_context,
+                        handler,
+                        handshake_timeout=config.handshake_timeout,
+                        max_connections=config.max_connections,
+                    )
+                    listener_box.append(listener)
+                    if metrics is not None and config.metrics_listen is not None:
+                        metrics.watch_state(manager, listener)
+                        await _serve_metrics(root, config.metrics_listen, metrics)
+                    async with trio.open_nursery() as serving:
+                        await serving.start(listener.serve)
+                        host, port = listener.address
+                        health.set_serving()
+                        announce(f"listening on {format_address(host, port)}", "listening")
+                        notify("READY=1", f"STATUS=listening on {format_address(host, port)}")
+                        task_status.started((host, port))
+                        await shutdown.wait()
+                        notify("STOPPING=1", "STATUS=stopping jobs")
+                        await health.shut_down()  # watchers hear NOT_SERVING before GOAWAY
+                        listener.shutdown()
+                        serving.cancel_scope.deadline = trio.current_time() + SHUTDOWN_DRAIN_S
+                    log.info("connections closed; stopping jobs")
             root.cancel_scope.cancel()  # the reaper and the signal watcher
         # After the root nursery, so that a start-up cut short by a signal removes it too.
         with trio.move_on_after(CGROUP_CLEANUP_S, shield=True):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from jobworker.cgroups.base import DEFAULT_PIDS_MAX
 from jobworker.cgroups.detect import CgroupMode
+from jobworker.launch.users import DEFAULT_UID_RANGE
 from jobworker.server.transport import GRPC_MESSAGE_PREFIX
 
 
@@ -58,6 +59,9 @@ class ServerConfig:
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT_S
     stop_grace: float = DEFAULT_STOP_GRACE_S
     cgroups: CgroupMode = "auto"
+    isolation: str = "auto"  # --isolation, validated (parse_isolation)
+    job_user: str | None = None  # None: a uid of its own per running job
+    job_uid_range: str = DEFAULT_UID_RANGE
     pids_max: int = DEFAULT_PIDS_MAX
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     min_free_disk: int | None = None  # None: the engine's default for the data disk

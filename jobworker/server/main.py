@@ -30,6 +30,8 @@ from jobworker.cgroups.base import DEFAULT_PIDS_MAX
 from jobworker.cgroups.detect import CgroupsUnavailable
 from jobworker.engine.manager import DEFAULT_MIN_FREE_DISK_BYTES, MIN_FREE_DISK_FRACTION
 from jobworker.engine.store import DataDirUnusable
+from jobworker.launch.isolation import IsolationUnusable, parse_isolation
+from jobworker.launch.users import DEFAULT_UID_RANGE, UsersUnusable, parse_uid_range
 from jobworker.server import config as cfg
 from jobworker.server.app import serve
 from jobworker.server.check import run_check
@@ -111,6 +113,22 @@ _positive_float = _bounded(float, "a number", 0, inclusive=False)
 _non_negative_float = _bounded(float, "a number", 0, inclusive=True)
 _positive_int = _bounded(int, "an integer", 1, inclusive=True)
 _non_negative_int = _bounded(int, "an integer", 0, inclusive=True)
+
+
+def _isolation_text(value: str) -> str:
+    try:
+        parse_isolation(value)
+    except IsolationUnusable as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value.strip()
+
+
+def _uid_range_text(value: str) -> str:
+    try:
+        start, end = parse_uid_range(value)
+    except UsersUnusable as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return f"{start}-{end}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,6 +225,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="max processes per job (default %(default)s)",
     )
     parser.add_argument(
+        "--isolation",
+        type=_isolation_text,
+        default="auto",
+        metavar="auto|none|LIST",
+        help="namespaces every job gets of its own: auto (pid, mount and cgroup where the host "
+        "allows them), none, or a comma-separated list of pid, mount, cgroup, net; a listed "
+        "one the host cannot provide refuses the start (default %(default)s)",
+    )
+    parser.add_argument(
+        "--job-user",
+        type=str,
+        default=None,
+        metavar="NAME|UID:GID|root",
+        help="run every job as this user; root keeps the server's privileges (for single-user "
+        "machines) (default: each running job gets its own uid from --job-uid-range)",
+    )
+    parser.add_argument(
+        "--job-uid-range",
+        type=_uid_range_text,
+        default=DEFAULT_UID_RANGE,
+        metavar="START-END",
+        help="uids (and gids) handed to running jobs, one each; no /etc/passwd, /etc/group, "
+        "/etc/subuid or /etc/subgid entry may lie in it (default %(default)s)",
+    )
+    parser.add_argument(
         "--min-free-disk",
         type=_non_negative_int,
         default=None,
@@ -265,6 +308,9 @@ def config_from_args(args: argparse.Namespace) -> cfg.ServerConfig:
         handshake_timeout=args.handshake_timeout,
         stop_grace=args.stop_grace,
         cgroups=args.cgroups,
+        isolation=args.isolation,
+        job_user=args.job_user,
+        job_uid_range=args.job_uid_range,
         pids_max=args.pids_max,
         max_connections=args.max_connections,
         min_free_disk=args.min_free_disk,

@@ -1,10 +1,7 @@
-"""Parsing of mountinfo and /proc/self/cgroup, device discovery and the launch shim (no
-cgroups needed)."""
+"""Parsing of mountinfo and /proc/self/cgroup, and device discovery (no cgroups needed)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 from jobworker.cgroups.blockdev import writable_block_devices
@@ -15,7 +12,6 @@ from jobworker.cgroups.layout import (
     v1_hierarchies,
     v2_hierarchy,
 )
-from jobworker.cgroups.shim import SHIM_FAILURE_MESSAGE, SHIM_PLACEMENT_FAILED, shim_argv
 
 MOUNTINFO = """\
 27 1 254:0 / / rw,relatime - ext4 /dev/vda rw
@@ -87,31 +83,3 @@ def test_block_devices_whole_disks_only(tmp_path: Path) -> None:
     devices, skipped = writable_block_devices(parse_mountinfo(MOUNTINFO), dev_block)
     assert devices == ["254:0", "8:16"]  # sdb2 is mounted read-only; proc is not listed
     assert skipped == ["/dev/shm (tmpfs 0:23)"]
-
-
-def test_shim_joins_every_file_then_execs(tmp_path: Path) -> None:
-    # Regular files stand in for cgroup.procs: what the shim writes is what the kernel gets.
-    odd = tmp_path / 'it\'s a "dir" $(x)'
-    odd.mkdir()
-    targets = [odd / "cgroup.procs", tmp_path / "b.procs"]
-    argv = shim_argv(targets, ["sh", "-c", 'echo "$$ $1"', "sh", "arg with space"])
-    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout.split()
-    pid = out[0]
-    assert out[1:] == ["arg", "with", "space"]
-    # The exec'd command is the very process that joined: same pid.
-    assert [t.read_text().strip() for t in targets] == [pid, pid]
-
-
-def test_shim_failure_exits_125_without_leaking_the_path(tmp_path: Path) -> None:
-    missing = tmp_path / "gone" / "cgroup.procs"
-    result = subprocess.run(
-        shim_argv([missing], ["true"]), check=False, capture_output=True, text=True
-    )
-    assert result.returncode == SHIM_PLACEMENT_FAILED
-    assert result.stderr.strip() == SHIM_FAILURE_MESSAGE
-    assert str(tmp_path) not in result.stderr + result.stdout
-
-
-def test_shim_without_hierarchies_is_the_plain_argv() -> None:
-    assert shim_argv([], ["echo", "x"]) == ["echo", "x"]
-    assert os.path.exists(shim_argv([Path("/x")], ["true"])[0])

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 import trio
 
-from jobworker.cgroups.reaper import Reaper
+from jobworker.launch.reaper import Reaper
 from tests.support import proc_state
 
 from .helpers import poll_until

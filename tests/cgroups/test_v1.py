@@ -14,7 +14,7 @@ from jobworker.cgroups import cgfs
 from jobworker.cgroups.base import Limits
 from jobworker.cgroups.v1 import V1Controller, V1JobCgroup
 from jobworker.errors import LimitRefused
-from tests.support import descendants, in_throttled_io, pid_alive, skip_unless
+from tests.support import descendants, in_throttled_io, pid_alive, placed_argv, skip_unless
 
 from .conftest import _v1_usable, v1_layout
 from .helpers import TEST_ROOT, poll_until, spawn
@@ -60,7 +60,7 @@ async def test_refused_limit_names_it_and_leaves_nothing(v1: V1Controller) -> No
 async def run_oom_job(v1: V1Controller, job_id: str, argv: list[str]) -> tuple[int, V1JobCgroup]:
     cg = v1.create(job_id, Limits(memory_mb=50))
     try:
-        proc = await spawn(cg.wrap_argv(argv), stdout=subprocess.DEVNULL)
+        proc = await spawn(placed_argv(cg, argv), stdout=subprocess.DEVNULL)
         with trio.fail_after(10):
             await cg.wait_oom()
             status = await proc.wait()
@@ -88,7 +88,7 @@ async def test_usage_reports_peak_memory_and_cpu(v1: V1Controller) -> None:
     cg = v1.create("5", Limits(memory_mb=100))
     # Burn 0.3 s of CPU (not of wall time: the host may be busy).
     script = "import time\nx = bytearray(30 * 1024 * 1024)\nwhile time.process_time() < 0.3: pass"
-    proc = await spawn(cg.wrap_argv([sys.executable, "-c", script]))
+    proc = await spawn(placed_argv(cg, [sys.executable, "-c", script]))
     with trio.fail_after(10):
         assert await proc.wait() == 0
     usage = cg.usage()
@@ -102,7 +102,7 @@ async def test_usage_reports_peak_memory_and_cpu(v1: V1Controller) -> None:
 
 async def test_wait_oom_stays_quiet_without_oom(v1: V1Controller) -> None:
     cg = v1.create("6", Limits(memory_mb=50))
-    proc = await spawn(cg.wrap_argv(["true"]))
+    proc = await spawn(placed_argv(cg, ["true"]))
     await proc.wait()
     with trio.move_on_after(0.3) as scope:
         await cg.wait_oom()
@@ -124,7 +124,7 @@ async def test_cpu_quota_50_and_25_percent(v1: V1Controller) -> None:
 
     async def measure(percent: int) -> None:
         cg = v1.create(f"cpu{percent}", Limits(cpu_percent=percent))
-        proc = await spawn(cg.wrap_argv(busy))
+        proc = await spawn(placed_argv(cg, busy))
         try:
             usage_file = next(p for p in cg.paths if "/cpuacct/" in str(p)) / "cpuacct.usage"
             start_ns, start_t = cgfs.read_int(usage_file), trio.current_time()
@@ -149,7 +149,7 @@ async def timed_dd(v1: V1Controller, job_id: str, io_bps: int, argv: list[str]) 
     cg = v1.create(job_id, Limits(io_bps=io_bps))
     try:
         start = trio.current_time()
-        proc = await spawn(cg.wrap_argv(argv), stderr=subprocess.DEVNULL)
+        proc = await spawn(placed_argv(cg, argv), stderr=subprocess.DEVNULL)
         with trio.fail_after(20):
             assert await proc.wait() == 0
         return trio.current_time() - start
@@ -173,7 +173,7 @@ async def test_fork_bomb_is_held_at_pids_max_and_killed(v1: V1Controller) -> Non
     cg = v1.create("bomb", Limits(pids_max=50))
     pids_dir = next(p for p in cg.paths if "/pids/" in str(p))
     bomb = ["/bin/sh", "-c", "b() { b | b & }; b; wait"]
-    proc = await spawn(cg.wrap_argv(bomb), stderr=subprocess.DEVNULL)
+    proc = await spawn(placed_argv(cg, bomb), stderr=subprocess.DEVNULL)
     try:
         await poll_until(
             lambda: cgfs.read_keyed(pids_dir / "pids.events").get("max", 0) > 0, 10, "pids.max hit"
@@ -223,7 +223,7 @@ wait
 
 async def test_tree_kill_gets_setsid_and_term_ignoring_processes(v1: V1Controller) -> None:
     cg = v1.create("tree", Limits())
-    proc = await spawn(cg.wrap_argv(["/bin/sh", "-c", TREE]))
+    proc = await spawn(placed_argv(cg, ["/bin/sh", "-c", TREE]))
     # 25 processes in sessions of their own plus the job's: killpg could reach only one.
     await poll_until(
         lambda: len(cg.pids()) >= 51 and len(sessions(cg.pids())) >= 26, 10, "the whole tree"
@@ -242,7 +242,7 @@ async def test_tree_kill_gets_setsid_and_term_ignoring_processes(v1: V1Controlle
 
 async def test_kill_returns_early_when_all_exit_on_sigterm(v1: V1Controller) -> None:
     cg = v1.create("term", Limits())
-    proc = await spawn(cg.wrap_argv(["sleep", "60"]))
+    proc = await spawn(placed_argv(cg, ["sleep", "60"]))
     await poll_until(lambda: len(cg.pids()) == 1, 5, "the process in its cgroup")
     start = trio.current_time()
     await cg.kill(5.0)
@@ -256,7 +256,7 @@ async def test_placement_every_descendant_is_inside(v1: V1Controller) -> None:
     forks = ["/bin/sh", "-c", "sleep 60 & sleep 60 & exec sleep 60"]
     for run in range(20):
         cg = v1.create(f"place{run}", Limits())
-        proc = await spawn(cg.wrap_argv(forks))
+        proc = await spawn(placed_argv(cg, forks))
         try:
             await poll_until(lambda: len(descendants(proc.pid)) >= 2, 5, "two children")  # noqa: B023
             family = {proc.pid} | descendants(proc.pid)
@@ -274,7 +274,7 @@ async def test_placement_every_descendant_is_inside(v1: V1Controller) -> None:
 async def test_sweep_kills_and_removes_leftovers(v1: V1Controller) -> None:
     # A "previous run": a cgroup with a live process, its owner gone.
     old = v1.create("41", Limits())
-    leftover = subprocess.Popen(old.wrap_argv(["sleep", "60"]), start_new_session=True)
+    leftover = subprocess.Popen(placed_argv(old, ["sleep", "60"]), start_new_session=True)
     try:
         await poll_until(lambda: leftover.pid in old.pids(), 5, "leftover in its cgroup")
         fresh = V1Controller(v1.hierarchies, root_name=v1.root_name)
@@ -298,7 +298,7 @@ async def test_instances_sweep_only_their_own_subtree() -> None:
         mine.probe()
         theirs.probe()
         cg = theirs.create("1", Limits())
-        proc = await trio.lowlevel.open_process(cg.wrap_argv(["sleep", "30"]))
+        proc = await trio.lowlevel.open_process(placed_argv(cg, ["sleep", "30"]))
         try:
             await poll_until(lambda: bool(cg.pids()), 5, "the job in its cgroup")
             assert await mine.sweep() == []
@@ -325,7 +325,7 @@ async def test_kill_lifts_the_io_throttle_so_a_process_in_throttled_io_dies(
     first, so the process dies at once."""
     cg = v1.create("9", Limits(io_bps=1024))
     dd = ["dd", "if=/dev/zero", f"of={tmp_path / 'f'}", "bs=64k", "count=1", "oflag=direct"]
-    proc = await spawn(cg.wrap_argv(dd), stderr=subprocess.DEVNULL)
+    proc = await spawn(placed_argv(cg, dd), stderr=subprocess.DEVNULL)
     try:
         await poll_until(lambda: in_throttled_io(proc.pid, b"dd"), 5, "dd held by the throttle")
         with trio.fail_after(3):  # a bound on correctness: without the lift, over ten seconds

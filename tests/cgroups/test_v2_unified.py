@@ -14,7 +14,7 @@ import trio
 from jobworker.cgroups import cgfs
 from jobworker.cgroups.base import Limits
 from jobworker.cgroups.v2 import V2Controller
-from tests.support import pid_alive, proc_state
+from tests.support import pid_alive, placed_argv, proc_state
 
 from .helpers import poll_until, spawn
 
@@ -33,7 +33,7 @@ async def test_placement_populated_and_kill(unified: V2Controller) -> None:
     assert not unified.enforced
     cg = unified.create("1", Limits(io_bps=0))
     assert cg.is_empty()
-    proc = await spawn(cg.wrap_argv(["/bin/sh", "-c", TREE]))
+    proc = await spawn(placed_argv(cg, ["/bin/sh", "-c", TREE]))
     await poll_until(lambda: len(cg.pids()) >= 5, 5, "five processes in the cgroup")
     assert proc.pid in cg.pids()
     assert cgfs.read_keyed(cg.directory / "cgroup.events")["populated"] == 1
@@ -54,7 +54,7 @@ async def test_freeze_thaw_and_kill_while_frozen(unified: V2Controller) -> None:
     cg = unified.create("2", Limits())
     # SIGTERM is ignored (inherited by the sleeps): only cgroup.kill can end them.
     ignoring = "trap '' TERM; sleep 60 & sleep 60 & wait"
-    proc = await spawn(cg.wrap_argv(["/bin/sh", "-c", ignoring]))
+    proc = await spawn(placed_argv(cg, ["/bin/sh", "-c", ignoring]))
     await poll_until(lambda: len(cg.pids()) >= 3, 5, "three processes")
     await cg.freeze(True)
     assert cgfs.read_keyed(cg.directory / "cgroup.events")["frozen"] == 1
@@ -72,7 +72,7 @@ async def test_freeze_thaw_and_kill_while_frozen(unified: V2Controller) -> None:
 async def test_usage_reads_cpu_stat_without_controllers(unified: V2Controller) -> None:
     cg = unified.create("3", Limits())
     proc = await spawn(
-        cg.wrap_argv(["/bin/sh", "-c", "i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done"])
+        placed_argv(cg, ["/bin/sh", "-c", "i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done"])
     )
     with trio.fail_after(20):
         assert await proc.wait() == 0
@@ -85,7 +85,7 @@ async def test_usage_reads_cpu_stat_without_controllers(unified: V2Controller) -
 
 async def test_sweep_removes_leftover_with_live_process(unified: V2Controller) -> None:
     old = unified.create("77", Limits())
-    proc = await spawn(old.wrap_argv(["sleep", "60"]))
+    proc = await spawn(placed_argv(old, ["sleep", "60"]))
     await poll_until(lambda: proc.pid in old.pids(), 5, "leftover placed")
     assert await unified.sweep() == ["77"]
     assert await proc.wait() == -9

@@ -69,12 +69,15 @@ async def test_ids_are_sequential_and_list_is_numeric(manager: JobManager) -> No
         await wait_ended(manager, job_id)
 
 
-async def test_environment_is_clean(manager: JobManager, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_environment_is_clean(
+    manager: JobManager, monkeypatch: pytest.MonkeyPatch, data_dir: Path
+) -> None:
     monkeypatch.setenv("JOBWORKER_SECRET", "must-not-leak")
     await manager.create(JobSpec("env"))
     await wait_ended(manager, "1")
     lines = sorted((await read_all(manager, "1")).decode().splitlines())
-    assert lines == sorted([f"HOME={Path('~').expanduser()}", "LANG=C.UTF-8", f"PATH={JOB_PATH}"])
+    home = data_dir.resolve() / "jobs" / "1" / "work"  # the job's own work dir
+    assert lines == sorted([f"HOME={home}", "LANG=C.UTF-8", f"PATH={JOB_PATH}"])
 
 
 async def test_cwd_stdin_and_one_pipe_in_order(manager: JobManager, data_dir: Path) -> None:

@@ -12,7 +12,7 @@ import trio.testing
 
 from jobworker.cgroups.base import JobCgroup, Limits, ResourceController, Usage
 from jobworker.cgroups.null import NullCgroup, NullController, live_group_members
-from tests.support import pid_alive
+from tests.support import pid_alive, placed_argv
 
 from .helpers import PY, wait_until
 
@@ -29,7 +29,7 @@ IGNORE_TERM_CHILDREN = (
 
 def spawn(argv: list[str], cgroup: NullCgroup) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(
-        cgroup.wrap_argv(argv), stdout=subprocess.PIPE, start_new_session=True
+        placed_argv(cgroup, argv), stdout=subprocess.PIPE, start_new_session=True
     )
     cgroup.attach(process.pid)
     return process
@@ -40,7 +40,7 @@ def test_controller_shape() -> None:
     assert controller.enforced is False
     assert "no cgroups" in controller.description
     cgroup: JobCgroup = controller.create("1", Limits())
-    assert cgroup.wrap_argv(["a", "b"]) == ["a", "b"]
+    assert cgroup.procs_files() == []
     assert cgroup.usage() == Usage()
     assert cgroup.oom_kills() == 0
 

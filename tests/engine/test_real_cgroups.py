@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from jobworker.cgroups import CgroupsUnavailable, Reaper, detect_controller
+from jobworker.cgroups import CgroupsUnavailable, detect_controller
 from jobworker.engine import JobManager, JobSpec, JobStatus, open_job_manager
 from tests.support import in_throttled_io, pid_alive, skip_unless
 
@@ -27,23 +27,17 @@ pytestmark = pytest.mark.cgroups
 
 @asynccontextmanager
 async def real_manager(data_dir: Path) -> AsyncIterator[JobManager]:
-    """A job manager on the real cgroups with the orphan reaper, as the server runs it."""
+    """A job manager on the real cgroups, as the server runs it."""
     skip_unless(os.geteuid() == 0, "needs root for cgroups")
     try:
         controller = detect_controller("require", root_name=f"jobworker-enginetest-{os.getpid()}")
     except CgroupsUnavailable as exc:
         skip_unless(False, f"no usable cgroups: {exc}")
         raise
-    reaper = Reaper()
-    reaper.enable()
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(reaper.run)
-            async with open_job_manager(data_dir, controller=controller, reaper=reaper) as manager:
-                yield manager
-            nursery.cancel_scope.cancel()
+        async with open_job_manager(data_dir, controller=controller) as manager:
+            yield manager
     finally:
-        reaper.disable()
         await controller.remove_roots()
 
 
@@ -90,10 +84,9 @@ async def test_a_finished_jobs_escaped_child_is_killed(cg_manager: JobManager) -
 
 
 async def test_a_stop_right_after_create_kills_the_whole_job(cg_manager: JobManager) -> None:
-    """The shim joins the cgroups a moment after it starts: create must report the job started
-    only once it is placed, or a stop in that window finds the cgroups empty, misses the job
-    and everything it forks (measured before the fix: 5 of 5 stops took 4.5 s and left the
-    children running)."""
+    """Create reports the job started only once it is placed, or a stop right after it finds
+    the cgroups empty, misses the job and everything it forks (measured with the old launch
+    shim before it waited: 5 of 5 stops took 4.5 s and left the children running)."""
     for _ in range(5):
         record = await cg_manager.create(sh("sleep 301.25 & sleep 302.25"))
         started = time.monotonic()
@@ -137,7 +130,7 @@ async def test_a_job_in_throttled_io_is_killed_at_once(cg_manager: JobManager) -
     pid = job.pid
     assert pid is not None
     await wait_until(lambda: in_throttled_io(pid, b"dd"), timeout=5)  # held by the throttle
-    paths = list(job._cgroup.paths)  # type: ignore[union-attr]
+    paths = list(job._cgroup.paths)  # type: ignore[attr-defined]
     started = time.monotonic()
     final = await cg_manager.stop(record.id)
     took = time.monotonic() - started
@@ -160,7 +153,7 @@ async def test_a_job_cancelled_outside_the_shutdown_path_still_cleans_up(data_di
         job = manager._jobs[record.id]
         pid = job.pid
         assert pid is not None
-        paths = list(job._cgroup.paths)  # type: ignore[union-attr]
+        paths = list(job._cgroup.paths)  # type: ignore[attr-defined]
         manager._nursery.cancel_scope.cancel()
         try:
             with trio.CancelScope(shield=True), trio.fail_after(5):

@@ -13,8 +13,8 @@ import pytest
 import trio
 
 from jobworker.engine import JobManager, JobSpec, JobStatus, open_job_manager
-from jobworker.engine import job as job_module
 from jobworker.engine import manager as manager_module
+from jobworker.engine import supervision as job_module
 from tests.support import pid_alive
 
 from .helpers import py, read_all, sh, wait_output, wait_until

@@ -226,17 +226,17 @@ def test_closed_stdout_ends_the_stream_quietly(test_pki: TestPKI, plain_server: 
 def test_following_writes_output_as_it_arrives(
     test_pki: TestPKI, plain_server: ServerProc, tmp_path: Path
 ) -> None:
-    gate = tmp_path / "gate"
-    code = (
+    code = (  # the gate is in the job's work dir (its cwd), the one host path a job sees
         "import os, sys, time\n"
         "print('first', flush=True)\n"
-        f"while not os.path.exists({str(gate)!r}): time.sleep(0.01)\n"
+        "while not os.path.exists('gate'): time.sleep(0.01)\n"
         "sys.stdout.write('second, no newline'); sys.stdout.flush()\n"
         "time.sleep(60)\n"
     )
     channel, stub = stub_for(test_pki, plain_server.address)
     with channel:
         job = stub.CreateJob(worker_pb2.CreateJobReq(command="python3", args=["-c", code]))
+        gate = plain_server.data_dir / "jobs" / job.id / "work" / "gate"
         try:
             with cli_process(cli_command(test_pki, plain_server.address, "stream", job.id)) as proc:
                 assert proc.stdout is not None

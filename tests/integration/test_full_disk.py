@@ -141,8 +141,9 @@ def test_a_job_writing_more_than_the_disk_holds_ends_with_a_marker(
     assert srv.log_text().count("output lost: cannot write") == 1
 
 
+# The gate is in the job's own work dir (its cwd): the one host path a job sees.
 LINES_UNTIL_DONE = (
-    "i=0; while [ ! -e ../../../done ]; do echo line $i; i=$((i+1)); sleep 0.01; done; echo end"
+    "i=0; while [ ! -e done ]; do echo line $i; i=$((i+1)); sleep 0.01; done; echo end"
 )
 
 
@@ -160,7 +161,7 @@ def test_output_is_kept_again_once_space_returns_and_the_gap_is_marked(
             (tmpfs_data / "filler").unlink()
             wait_for(lambda: MARKER.search(log_path.read_bytes()), "the marker")
             wait_for(lambda: log_path.read_bytes().endswith(b"\n"), "a line after the gap")
-            (tmpfs_data / "done").touch()
+            (tmpfs_data / "jobs" / "1" / "work" / "done").touch()
             final = ended(stub, "1")
             assert final.status == "COMPLETED"
             output = streamed(stub, "1")

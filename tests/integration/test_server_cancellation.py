@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import re
 import ssl
-import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
@@ -17,6 +16,7 @@ from purerpc.wrappers import extract_message_from_singleton_stream
 
 from jobworker.api import worker_grpc, worker_pb2, worker_pb2_grpc
 from tests.integration.test_server_limits import RawH2, grpc_message
+from tests.support import JOB_PYTHON
 
 if TYPE_CHECKING:
     from tests.conftest import TestPKI
@@ -139,7 +139,7 @@ def test_a_cancelled_stream_ends_its_handler_promptly(
 ) -> None:
     with grpc.secure_channel(server.address, grpc_credentials_for("admin-client")) as ch:
         admin = worker_pb2_grpc.JobServiceStub(ch)
-        job = admin.CreateJob(worker_pb2.CreateJobReq(command=sys.executable, args=CHATTY))
+        job = admin.CreateJob(worker_pb2.CreateJobReq(command=JOB_PYTHON, args=CHATTY))
         # A reader that stopped reading: the handler is blocked on HTTP/2 flow control.
         call = admin.GetJobsStream(worker_pb2.GetJobsStreamReq(id=job.id), timeout=30)
         assert next(call).payload
@@ -159,7 +159,7 @@ def test_100_cancelled_streams_leave_tasks_and_files_where_they_were(
     credentials = grpc_credentials_for("admin-client")
     with grpc.secure_channel(server.address, credentials) as channel:
         admin = worker_pb2_grpc.JobServiceStub(channel)
-        job = admin.CreateJob(worker_pb2.CreateJobReq(command=sys.executable, args=CHATTY))
+        job = admin.CreateJob(worker_pb2.CreateJobReq(command=JOB_PYTHON, args=CHATTY))
         cancel_mid_stream(admin, job.id)  # warm-up: anything created lazily exists now
         audit_line = AUDIT_RE.format(method="GetJobsStream", job=job.id)
         server.wait_for_log(audit_line, timeout=5)

@@ -9,7 +9,6 @@ import contextlib
 import socket
 import ssl
 import struct
-import sys
 import time
 import zlib
 from collections.abc import Callable
@@ -25,6 +24,7 @@ import h2.settings
 import pytest
 
 from jobworker.api import worker_pb2, worker_pb2_grpc
+from tests.support import JOB_PYTHON
 
 if TYPE_CHECKING:
     from tests.conftest import TestPKI
@@ -181,7 +181,7 @@ def test_max_concurrent_streams_is_advertised_and_excess_streams_are_refused(
     with server_factory("--max-concurrent-streams", "2") as srv:
         channel = grpc.secure_channel(srv.address, grpc_credentials_for("admin-client"))
         admin = worker_pb2_grpc.JobServiceStub(channel)
-        job = admin.CreateJob(worker_pb2.CreateJobReq(command=sys.executable, args=TICKER))
+        job = admin.CreateJob(worker_pb2.CreateJobReq(command=JOB_PYTHON, args=TICKER))
         client = RawH2(srv, test_pki)
         try:
             client.wait_for(lambda: bool(client.of(h2.events.RemoteSettingsChanged)))

@@ -7,14 +7,13 @@ sent with newlines that start a fake log line and an ANSI escape, through grpcio
 
 from __future__ import annotations
 
-import sys
 from typing import TYPE_CHECKING
 
 import grpc
 
 from jobworker import pki
 from jobworker.api import worker_pb2, worker_pb2_grpc
-from tests.support import grpc_credentials
+from tests.support import JOB_PYTHON, grpc_credentials
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -62,9 +61,7 @@ def test_a_long_command_line_is_clipped_in_the_log(
         with grpc.secure_channel(srv.address, grpc_credentials(test_pki, "admin-client")) as ch:
             stub = worker_pb2_grpc.JobServiceStub(ch)
             args = ["-c", "pass", *(["x" * 100] * 50)]
-            job = stub.CreateJob(
-                worker_pb2.CreateJobReq(command=sys.executable, args=args), timeout=10
-            )
+            job = stub.CreateJob(worker_pb2.CreateJobReq(command=JOB_PYTHON, args=args), timeout=10)
         text = srv.wait_for_log(f"job {job.id} created:")
     [created] = [line for line in text.splitlines() if f"job {job.id} created:" in line]
     assert '"xxxx' in created

@@ -90,10 +90,14 @@ def test_a_job_an_rpc_and_a_stream_are_counted(
     before = scrape(address)
     assert value(before, "jobworker_jobs_created_total") == 0
     assert value(before, "jobworker_jobs", status="COMPLETED") == 0
-    assert (
-        value(before, "jobworker_info", version="0.1.0", cgroups=_cgroups(before), isolation="none")
-        == 1
+    # The isolation the server logged at start is the one it reports.
+    logged = re.search(r"job isolation: ([^;]+);", metered.log_text())
+    assert logged is not None
+    isolation = logged.group(1).replace(", ", ",")
+    info = value(
+        before, "jobworker_info", version="0.1.0", cgroups=_cgroups(before), isolation=isolation
     )
+    assert info == 1
 
     job = admin.CreateJob(
         worker_pb2.CreateJobReq(command="sh", args=["-c", "echo hello"]), timeout=TIMEOUT

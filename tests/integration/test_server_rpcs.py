@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import ssl
-import sys
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -16,6 +15,7 @@ import pytest
 
 from jobworker.api import worker_grpc, worker_pb2, worker_pb2_grpc
 from jobworker.client import open_client
+from tests.support import JOB_PYTHON
 
 if TYPE_CHECKING:
     from tests.conftest import TestPKI
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 RFC3339_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 CHUNK_LIMIT = 64 * 1024
-PY = sys.executable
+PY = JOB_PYTHON
 
 
 def wait_status(stub: worker_pb2_grpc.JobServiceStub, job_id: str, *statuses: str) -> str:
@@ -135,10 +135,11 @@ def test_stream_sends_history_then_live_output_and_ends_when_the_job_ends(
     admin: worker_pb2_grpc.JobServiceStub,
     server: ServerProc,
 ) -> None:
-    # The job prints "first", then waits until the test created the file, then "second".
-    flag = server.data_dir.parent / "go"
-    script = f"echo first; while [ ! -e {flag} ]; do sleep 0.02; done; echo second"
+    # The job prints "first", then waits until the test created the file (in its work dir, the
+    # one host path a job sees), then "second".
+    script = "echo first; while [ ! -e go ]; do sleep 0.02; done; echo second"
     job = admin.CreateJob(worker_pb2.CreateJobReq(command="sh", args=["-c", script]), timeout=10)
+    flag = server.data_dir / "jobs" / job.id / "work" / "go"
     stream = admin.GetJobsStream(worker_pb2.GetJobsStreamReq(id=job.id), timeout=20)
     received = b""
     for chunk in stream:

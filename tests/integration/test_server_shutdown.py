@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -15,7 +14,7 @@ import grpc
 import pytest
 
 from jobworker.api import worker_pb2, worker_pb2_grpc
-from tests.support import pid_alive
+from tests.support import JOB_PYTHON, pid_alive
 
 if TYPE_CHECKING:
     from tests.integration.conftest import ServerFactory, ServerProc
@@ -62,7 +61,7 @@ def test_a_signal_with_jobs_and_streams_active_ends_everything_and_exits_0(
         channel = grpc.secure_channel(srv.address, grpc_credentials_for("admin-client"))
         admin = worker_pb2_grpc.JobServiceStub(channel)
         sleeper = admin.CreateJob(worker_pb2.CreateJobReq(command="sleep", args=["60"]))
-        chatty = admin.CreateJob(worker_pb2.CreateJobReq(command=sys.executable, args=CHATTY))
+        chatty = admin.CreateJob(worker_pb2.CreateJobReq(command=JOB_PYTHON, args=CHATTY))
         readers = [StreamReader(admin, job.id) for job in (chatty, chatty, sleeper)]
         for reader in readers:
             reader.start()

@@ -3,7 +3,6 @@ output that exists when the stream opens, then the end, even while the job keeps
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -13,7 +12,7 @@ import pytest
 
 from jobworker.api import worker_pb2, worker_pb2_grpc
 from jobworker.cli import main
-from tests.support import grpc_credentials
+from tests.support import JOB_PYTHON, grpc_credentials
 
 if TYPE_CHECKING:
     from tests.conftest import TestPKI
@@ -40,7 +39,7 @@ def admin(test_pki: TestPKI, server: ServerProc) -> Iterator[worker_pb2_grpc.Job
 
 def busy_job(admin: worker_pb2_grpc.JobServiceStub) -> str:
     """A running busy job that has written at least its first line."""
-    job = admin.CreateJob(worker_pb2.CreateJobReq(command=sys.executable, args=BUSY), timeout=10)
+    job = admin.CreateJob(worker_pb2.CreateJobReq(command=JOB_PYTHON, args=BUSY), timeout=10)
     stream = admin.GetJobsStream(worker_pb2.GetJobsStreamReq(id=job.id), timeout=HANG_GUARD_S)
     next(stream)
     stream.cancel()

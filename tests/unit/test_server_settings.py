@@ -114,9 +114,13 @@ def test_every_flag_is_settable_by_file_and_environment(tmp_path: Path) -> None:
     parser = build_parser()
     defaults = _resolve([]).args
     changed: dict[str, str] = {}
+    # Text settings with a grammar of their own: a valid value other than the default.
+    samples = {"isolation": "pid,net", "job-user": "nobody", "job-uid-range": "3000000-3000099"}
     for setting in settings_of(parser):
         value = getattr(defaults, setting.dest)
-        if setting.action.choices:
+        if setting.key in samples:
+            changed[setting.key] = toml_value(samples[setting.key])
+        elif setting.action.choices:
             other = next(c for c in setting.action.choices if c != value)
             changed[setting.key] = toml_value(other)
         elif isinstance(value, Path):
@@ -143,7 +147,7 @@ def test_print_config_is_toml_that_reads_back_to_the_same_settings(tmp_path: Pat
     text = render(resolved)
     data = tomllib.loads(text)
     unset = {s.key for s in resolved.settings if getattr(resolved.args, s.dest) is None}
-    assert unset == {"min-free-disk", "metrics-listen"}
+    assert unset == {"min-free-disk", "metrics-listen", "job-user"}
     assert set(data) == {s.key for s in resolved.settings} - unset
     assert re.search(r"^# metrics-listen is not set  # default$", text, re.M)
     assert re.search(r"^pids-max = 9  # flag --pids-max$", text, re.M)

@@ -20,6 +20,7 @@ from hyperframe.frame import RstStreamFrame, WindowUpdateFrame
 from tests.integration.attacks import tools
 from tests.integration.attacks.conftest import Arena, open_arena
 from tests.integration.attacks.tools import in_thread, worker_pb2
+from tests.support import JOB_PYTHON
 
 if TYPE_CHECKING:
     from tests.conftest import TestPKI
@@ -135,7 +136,7 @@ async def test_concurrent_stops_all_return_the_same_stopped_record(
     with open_arena(test_pki, tmp_path, "--stop-grace", str(STOP_GRACE_S)) as arena:
         job = await in_thread(
             arena.stub.CreateJob,
-            worker_pb2.CreateJobReq(command=tools.sys.executable, args=["-c", IGNORE_TERM]),
+            worker_pb2.CreateJobReq(command=JOB_PYTHON, args=["-c", IGNORE_TERM]),
         )
         await in_thread(_wait_ready, arena.stub, job.id)
         results: list[worker_pb2.StopJobRes | str] = []

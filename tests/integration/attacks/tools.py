@@ -38,7 +38,7 @@ import trio
 
 from jobworker.api import worker_pb2, worker_pb2_grpc
 from jobworker.engine import JobStatus
-from tests.support import grpc_credentials
+from tests.support import JOB_PYTHON, grpc_credentials
 
 if TYPE_CHECKING:
     from tests.conftest import TestPKI
@@ -187,7 +187,7 @@ def pattern_sha256(size: int) -> str:
 def pattern_job(total: int, delay: float = 0.0, **limits: int) -> worker_pb2.CreateJobReq:
     """A CreateJobReq for a job writing ``total`` pattern bytes (``-1``: until stopped)."""
     return worker_pb2.CreateJobReq(
-        command=sys.executable,
+        command=JOB_PYTHON,
         args=["-c", PATTERN_SCRIPT, str(total), repr(delay)],
         **limits,
     )

@@ -1,11 +1,12 @@
-"""Reap orphans: the server is a child subreaper, so a job's double-forked or setsid'd
-descendants reparent to it when their parent dies; their zombies must be reaped here (they
-keep counting in pids.current, and PID 1 on our machines reaps lazily, ~1.25 s).
+"""Reap orphans in the server: it is a child subreaper, so the processes of a launcher that
+died (the jobs' inits and main processes) reparent to it and their zombies must be reaped
+here (they keep counting in pids.current, and PID 1 on our machines reaps lazily, ~1.25 s).
+The launcher itself reaps everything a job leaves while it lives.
 
-The engine's own children are reaped by trio (``Process.wait()``): the reaper must never
-steal their status. The engine therefore holds ``with reaper.spawning():`` around the spawn
-until it calls ``protect(pid)``: trio runs Popen in a thread, and a fast child may already
-be a zombie before trio has opened its pidfd.
+The server's own child, the launcher, is reaped by trio (``Process.wait()``): the reaper
+must never steal its status. So ``with reaper.spawning():`` is held around its spawn until
+``protect(pid)``: trio runs Popen in a thread, and a child may already be a zombie before
+trio has opened its pidfd.
 """
 
 from __future__ import annotations

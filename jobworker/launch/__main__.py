@@ -1,0 +1,9 @@
+"""``python -m jobworker.launch FD SERVER_PID``: the launcher process (started by the server)."""
+
+from __future__ import annotations
+
+import sys
+
+from jobworker.launch.process import main
+
+sys.exit(main(sys.argv))

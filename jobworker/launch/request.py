@@ -1,0 +1,62 @@
+"""What the server asks the launcher to start: one job's process, placed and isolated.
+
+Plain data; it reaches the launcher process as a dict of plain values (``to_wire``), in one
+frame beside the job's output pipe (a file descriptor).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["Isolation", "LaunchRequest", "StartError"]
+
+
+@dataclass(frozen=True)
+class Isolation:
+    """The namespaces a job gets of its own."""
+
+    pid: bool = False
+    mount: bool = False
+    cgroup: bool = False
+    net: bool = False
+
+    NAMES = ("pid", "mount", "cgroup", "net")
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name in self.NAMES if getattr(self, name)]
+
+    def describe(self) -> str:
+        return ", ".join(self.names) or "none"
+
+
+@dataclass(frozen=True)
+class LaunchRequest:
+    """One job's process: what to exec, where to place it, what it may see, who it runs as."""
+
+    job_id: str
+    argv: list[str]  # argv[0] is the resolved absolute path
+    env: dict[str, str]
+    work_dir: str  # the job's cwd and HOME (a host path, bound at the same place inside)
+    procs_files: list[str] = field(default_factory=list)  # cgroup.procs of every hierarchy
+    isolation: Isolation = Isolation()
+    # Host paths the job must not see (the data dir, the certs dir): covered by an empty,
+    # read-only tmpfs when the job has its own mount namespace.
+    hidden: list[str] = field(default_factory=list)
+    uid: int | None = None  # None: keep the launcher's own (root stays root)
+    gid: int | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class StartError:
+    """Why a job's process could not be started, as the child reported it."""
+
+    stage: str  # "place", "isolate", "user", "exec"
+    errno: int
+    message: str
+
+    PLACE_FAILED = "could not place the job in its cgroup"
