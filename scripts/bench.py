@@ -529,9 +529,7 @@ def fig_start(env: Env) -> None:
     for label, flags in START_VARIANTS:
         with env.jobworker(extra_args=flags) as server, env.stub(server) as stub:
             variant = rpc_latencies(
-                lambda: stub.CreateJob(
-                    pb.CreateJobReq(command="/bin/true"), timeout=RPC_TIMEOUT_S
-                ),
+                lambda: stub.CreateJob(pb.CreateJobReq(command="/bin/true"), timeout=RPC_TIMEOUT_S),
                 n,
                 warmup=5,
             )

@@ -38,6 +38,7 @@ from jobworker.errors import (
     JobNotRunning,
     JobStartFailed,
 )
+from jobworker.launch.isolation import cgroup_mounts
 from jobworker.launch.launcher import Launcher
 from jobworker.launch.request import Isolation, LaunchRequest
 from jobworker.launch.users import JobUsers, UsersUnusable
@@ -100,6 +101,7 @@ class JobManager:
         self._isolation = isolation
         self._users = users
         self._hidden = [str(path) for path in hidden]
+        self._cgroup_mounts = cgroup_mounts() if isolation.cgroup and isolation.mount else []
         self._pids_max = pids_max
         self._next_id = next_id
         self._min_free_disk = min_free_disk
@@ -140,10 +142,9 @@ class JobManager:
         if self._closing:
             raise JobStartFailed("the worker is shutting down")
         limits = validate_spec(spec, pids_max=self._pids_max)
-        executable = await trio.to_thread.run_sync(resolve_command, spec.command)
-        if not await trio.to_thread.run_sync(self._users.may_execute, executable):
-            raise CommandNotExecutable(executable, "permission denied for the job user")
-        free, _ = await trio.to_thread.run_sync(self._store.free_bytes)
+        # One thread hop for every check that touches the disk: under load a hop costs as
+        # much as a process spawn (see docs/benchmarks.md).
+        executable, free = await trio.to_thread.run_sync(self._check_command, spec.command)
         if free < self._min_free_disk:
             log.warning(
                 "create refused: data disk full (%d bytes free, floor %d)",
@@ -181,6 +182,7 @@ class JobManager:
             work_dir=work_dir,
             isolation=self._isolation,
             hidden=self._hidden,
+            cgroup_mounts=self._cgroup_mounts,
             uid=None if ids is None else ids[0],
             gid=None if ids is None else ids[1],
         )
@@ -213,6 +215,15 @@ class JobManager:
         )
         await self._nursery.start(job.run)
         return job.record
+
+    def _check_command(self, command: str) -> tuple[str, int]:
+        """(the command's absolute path, free bytes on the data disk). Raises InvalidJobSpec
+        for a command that cannot be run by the job's user. Blocking: run in a thread."""
+        executable = resolve_command(command)
+        if not self._users.may_execute(executable):
+            raise CommandNotExecutable(executable, "permission denied for the job user")
+        free, _ = self._store.free_bytes()
+        return executable, free
 
     def get(self, job_id: str) -> JobRecord:
         """The job's current snapshot. Raises JobNotFound."""

@@ -14,13 +14,16 @@ import logging
 import os
 from dataclasses import dataclass
 
+from jobworker.cgroups.layout import MOUNTINFO, parse_mountinfo
 from jobworker.launch.launcher import Launcher
 from jobworker.launch.request import Isolation, LaunchRequest
 
 __all__ = [
     "AUTO",
+    "CGROUP_ROOT",
     "IsolationSetting",
     "IsolationUnusable",
+    "cgroup_mounts",
     "establish_isolation",
     "parse_isolation",
     "probe_request",
@@ -31,6 +34,9 @@ log = logging.getLogger("jobworker.launch")
 AUTO = Isolation(pid=True, mount=True, cgroup=True)
 NS_FILES = {"pid": "pid", "mount": "mnt", "cgroup": "cgroup", "net": "net"}
 PROBE_COMMAND = "/bin/true"
+CGROUP_ROOT = "/sys/fs/cgroup"
+# Per-superblock options that are not a v1 hierarchy's controllers or name.
+_NOT_CONTROLLERS = frozenset({"rw", "ro"})
 
 
 class IsolationUnusable(ValueError):
@@ -109,3 +115,26 @@ async def establish_isolation(
     await process.stdout.aclose()
     await process.wait()
     return possible
+
+
+def cgroup_mounts(mountinfo: str | None = None) -> list[tuple[str, str, str]]:
+    """The host's cgroup file systems under /sys/fs/cgroup as (mount point, fstype,
+    options to mount it again with): a v1 hierarchy by its controllers (or ``none,name=``),
+    cgroup2 as it is. Blocking (reads mountinfo): call it once, at start."""
+    text = MOUNTINFO.read_text() if mountinfo is None else mountinfo
+    found: list[tuple[str, str, str]] = []
+    for mount in parse_mountinfo(text):
+        if mount.fstype not in ("cgroup", "cgroup2"):
+            continue
+        if not (
+            mount.mount_point == CGROUP_ROOT or mount.mount_point.startswith(CGROUP_ROOT + "/")
+        ):
+            continue
+        if mount.fstype == "cgroup2":
+            found.append((mount.mount_point, "cgroup2", ""))
+            continue
+        options = sorted(mount.super_options - _NOT_CONTROLLERS)
+        if any(option.startswith("name=") for option in options):
+            options = ["none", *options]
+        found.append((mount.mount_point, "cgroup", ",".join(options)))
+    return found

@@ -44,6 +44,10 @@ class LaunchRequest:
     # Host paths the job must not see (the data dir, the certs dir): covered by an empty,
     # read-only tmpfs when the job has its own mount namespace.
     hidden: list[str] = field(default_factory=list)
+    # The host's cgroup mounts, (mount point, fstype, options), mounted afresh inside a job
+    # with its own cgroup and mount namespaces: each then shows the job's own cgroup as its
+    # root, and nothing of the other jobs'.
+    cgroup_mounts: list[tuple[str, str, str]] = field(default_factory=list)
     uid: int | None = None  # None: keep the launcher's own (root stays root)
     gid: int | None = None
 

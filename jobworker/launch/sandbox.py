@@ -56,6 +56,8 @@ SIOCSIFFLAGS = 0x8914
 IFF_UP = 0x1
 TMPFS_FLAGS = syscalls.MS_NOSUID | syscalls.MS_NODEV
 MS_NOEXEC = 0x8
+CGROUP_ROOT = "/sys/fs/cgroup"
+CGROUP_FLAGS = syscalls.MS_RDONLY | syscalls.MS_NOSUID | syscalls.MS_NODEV | MS_NOEXEC
 
 
 class _Failed(Exception):
@@ -189,8 +191,34 @@ def _build_view(request: dict[str, Any]) -> None:
             None,
             syscalls.MS_REMOUNT | syscalls.MS_BIND | syscalls.MS_RDONLY | TMPFS_FLAGS,
         )
+    if request["isolation"]["cgroup"]:
+        _cgroup_view(request["cgroup_mounts"])
     if request["isolation"]["pid"]:
         syscalls.mount("proc", "/proc", "proc", syscalls.MS_NOSUID | syscalls.MS_NODEV | MS_NOEXEC)
+
+
+def _cgroup_view(mounts: list[tuple[str, str, str]]) -> None:
+    """/sys/fs/cgroup as the job's cgroup namespace shows it: every hierarchy mounted afresh
+    (rooted at the job's own cgroup), read-only, over an empty tmpfs that hides the host's
+    view. A hierarchy the kernel will not mount again is left out, not fatal."""
+    if not mounts:
+        return
+    cover = all(point != CGROUP_ROOT for point, _, _ in mounts)
+    if cover:
+        syscalls.mount("tmpfs", CGROUP_ROOT, "tmpfs", TMPFS_FLAGS, "size=64k,mode=0755")
+    for point, fstype, options in mounts:
+        try:
+            os.makedirs(point, mode=0o755, exist_ok=True)
+            syscalls.mount(fstype, point, fstype, CGROUP_FLAGS, options)
+        except OSError:
+            continue
+    if cover:
+        syscalls.mount(
+            "none",
+            CGROUP_ROOT,
+            None,
+            syscalls.MS_REMOUNT | syscalls.MS_BIND | syscalls.MS_RDONLY | TMPFS_FLAGS,
+        )
 
 
 def _set_stdio(output_fd: int, error_fd: int, status_fd: int) -> None:

@@ -84,6 +84,27 @@ def test_a_job_sees_only_its_own_processes_and_runs_as_its_own_uid(
         assert all(line.endswith(":/") for line in cgroups)  # its own cgroup is its root
 
 
+def test_a_jobs_cgroup_files_show_its_own_cgroup_as_the_root(
+    server: ServerProc, test_pki: TestPKI
+) -> None:
+    """/sys/fs/cgroup inside a job is mounted afresh in its cgroup namespace: each hierarchy's
+    root is the job's own cgroup (its limits at the top, no other job below), read-only."""
+    with admin_stub(test_pki, server) as stub:
+        other = create(stub, "sleep", "100")
+        script = (
+            "cat /sys/fs/cgroup/memory/memory.limit_in_bytes; "
+            "find /sys/fs/cgroup -mindepth 2 -type d | wc -l; "
+            "touch /sys/fs/cgroup/memory/x 2>&1 | grep -c 'Read-only'"
+        )
+        job_id = create(stub, "sh", "-c", script, maxMemory=64)
+        text = output(stub, job_id)
+        limit, subdirs, read_only = text.split()
+        assert int(limit) == 64 * 1024 * 1024  # the job's own limit, at the root
+        assert subdirs == "0"  # no other job's cgroup, no server subtree
+        assert read_only == "1"
+        stub.StopJob(worker_pb2.StopJobReq(id=other), timeout=10)
+
+
 def test_two_running_jobs_never_share_a_uid(server: ServerProc, test_pki: TestPKI) -> None:
     with admin_stub(test_pki, server) as stub:
         first = create(stub, "sh", "-c", "id -u; sleep 100")

@@ -1,10 +1,10 @@
-"""--isolation: its grammar, and one line for a setting the start cannot honour."""
+"""--isolation: its grammar and its refusals, and the cgroup mounts a job gets afresh."""
 
 from __future__ import annotations
 
 import pytest
 
-from jobworker.launch.isolation import AUTO, IsolationUnusable, parse_isolation
+from jobworker.launch.isolation import AUTO, IsolationUnusable, cgroup_mounts, parse_isolation
 from jobworker.launch.request import Isolation
 
 
@@ -36,3 +36,23 @@ def test_auto_is_pid_mount_and_cgroup_without_net() -> None:
     assert AUTO.names == ["pid", "mount", "cgroup"]
     assert AUTO.describe() == "pid, mount, cgroup"
     assert Isolation().describe() == "none"
+
+
+MOUNTINFO = """\
+27 1 254:0 / / rw,relatime - ext4 /dev/vda rw
+35 27 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+36 35 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+37 35 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+38 35 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd
+39 35 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw,nsdelegate
+40 27 0:40 / /mnt/elsewhere rw,relatime - cgroup cgroup rw,pids
+"""
+
+
+def test_the_hosts_cgroup_mounts_are_listed_to_be_mounted_again() -> None:
+    assert cgroup_mounts(MOUNTINFO) == [
+        ("/sys/fs/cgroup/cpu", "cgroup", "cpu"),
+        ("/sys/fs/cgroup/memory", "cgroup", "memory"),
+        ("/sys/fs/cgroup/systemd", "cgroup", "none,name=systemd"),
+        ("/sys/fs/cgroup/unified", "cgroup2", ""),
+    ]  # a hierarchy mounted outside /sys/fs/cgroup is not part of the job's view
