@@ -35,7 +35,7 @@ from jobworker.engine.model import JobRecord, JobStatus, Usage, utc_now
 from jobworker.engine.output import OutputLog
 from jobworker.engine.store import JobStore
 from jobworker.errors import JobStartFailed
-from jobworker.launch.launcher import LaunchedProcess, Launcher, LaunchFailed
+from jobworker.launch.launcher import LaunchedProcess, Launcher, LauncherGone, LaunchFailed
 from jobworker.launch.request import LaunchRequest
 
 __all__ = [
@@ -213,8 +213,18 @@ class SupervisedJob(Job):
         """Record the job FAILED ("could not start: ..."), clean up, raise JobStartFailed."""
         why = exc.strerror or str(exc)
         log.warning("job %s could not start: %s", self.id, why)
+        emptied = True
+        if isinstance(exc, LauncherGone):
+            # The launcher died (or gave up) mid-spawn: its child may run all the same.
+            try:
+                emptied = await self._cgroup.kill(0)
+            except Exception:
+                log.exception("job %s: cannot kill what its failed start left", self.id)
+                emptied = False
         await self._cgroup.remove()
-        if isinstance(exc, LaunchFailed) and exc.stage != "exec":
+        if isinstance(exc, LaunchFailed) and exc.stage == "exec":
+            exit_code = EXIT_NOT_FOUND if exc.errno == errno.ENOENT else EXIT_CANNOT_EXECUTE
+        elif isinstance(exc, LaunchFailed | LauncherGone):
             exit_code = EXIT_SETUP_FAILED
         else:
             exit_code = EXIT_NOT_FOUND if exc.errno == errno.ENOENT else EXIT_CANNOT_EXECUTE
@@ -226,7 +236,8 @@ class SupervisedJob(Job):
             reason=f"could not start: {why}",
         )
         self.output.finish()
-        self._gone()
+        if emptied:  # else its uid stays taken: something may still run as it
+            self._gone()
         await self._persist()
         self.ended.set()
         self.spawned.set()

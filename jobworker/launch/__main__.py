@@ -1,4 +1,4 @@
-"""``python -m jobworker.launch FD SERVER_PID``: the launcher process (started by the server)."""
+"""``python -m jobworker.launch FD``: the launcher process (started by the server)."""
 
 from __future__ import annotations
 

@@ -14,6 +14,8 @@ import logging
 import os
 from dataclasses import dataclass
 
+import trio
+
 from jobworker.cgroups.layout import MOUNTINFO, parse_mountinfo
 from jobworker.launch.launcher import Launcher
 from jobworker.launch.request import Isolation, LaunchRequest
@@ -34,6 +36,7 @@ log = logging.getLogger("jobworker.launch")
 AUTO = Isolation(pid=True, mount=True, cgroup=True)
 NS_FILES = {"pid": "pid", "mount": "mnt", "cgroup": "cgroup", "net": "net"}
 PROBE_COMMAND = "/bin/true"
+PROBE_TIMEOUT_S = 30.0
 CGROUP_ROOT = "/sys/fs/cgroup"
 # Per-superblock options that are not a v1 hierarchy's controllers or name.
 _NOT_CONTROLLERS = frozenset({"rw", "ro"})
@@ -104,17 +107,22 @@ async def establish_isolation(
         log.warning("jobs are not isolated from the host: %s", "; ".join(missing))
     if not possible.names:
         return possible
-    try:
-        process = await launcher.spawn(probe_request(possible, work_dir))
-    except OSError as exc:
-        why = exc.strerror or str(exc)
-        if setting.explicit:
-            raise IsolationUnusable(f"--isolation {possible.describe()}: {why}") from None
-        log.warning("jobs are not isolated from the host: %s", why)
-        return Isolation()
-    await process.stdout.aclose()
-    await process.wait()
-    return possible
+    # Shielded and bounded, as every spawn is: cut midway, a request would be half sent.
+    with trio.move_on_after(PROBE_TIMEOUT_S, shield=True) as probe:
+        try:
+            process = await launcher.spawn(probe_request(possible, work_dir))
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+        else:
+            await process.stdout.aclose()
+            await process.wait()
+            return possible
+    if probe.cancelled_caught:
+        why = f"an isolated start did not finish in {PROBE_TIMEOUT_S:.0f} s"
+    if setting.explicit:
+        raise IsolationUnusable(f"--isolation {possible.describe()}: {why}")
+    log.warning("jobs are not isolated from the host: %s", why)
+    return Isolation()
 
 
 def cgroup_mounts(mountinfo: str | None = None) -> list[tuple[str, str, str]]:

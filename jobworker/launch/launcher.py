@@ -40,6 +40,7 @@ log = logging.getLogger("jobworker.launch")
 READY_TIMEOUT_S = 10.0  # a fresh Python importing a few modules: ~50 ms; this is a failure
 EXIT_WAIT_S = 2.0  # the launcher exits at EOF at once; past this it is killed
 SPAWN_WAIT_S = 10.0  # waiting for a launcher being restarted before a spawn gives up
+SPAWN_REPLY_S = 30.0  # a spawn normally answers in milliseconds; a stuck kernel call
 RESTART_BACKOFF_S = (0.0, 0.1, 0.5, 1.0)  # a launcher that dies at once is not re-spawned hot
 
 
@@ -161,7 +162,6 @@ class Launcher:
                 "-c",
                 LAUNCHER_MAIN,
                 str(theirs.fileno()),
-                str(os.getpid()),
             ]
             with self._reaper.spawning() if self._reaper else nullcontext():
                 process = await trio.lowlevel.open_process(
@@ -176,6 +176,7 @@ class Launcher:
             theirs.close()
         sock = trio.socket.from_stdlib_socket(ours)
         try:
+            ready = None
             with trio.move_on_after(READY_TIMEOUT_S):
                 ready = await _read_frame(sock)
             if not ready or ready.get("op") != "ready":
@@ -185,7 +186,9 @@ class Launcher:
             self._up.set()
             log.debug("launcher started: pid %d", process.pid)
             task_status.started()
-            await self._read_replies(sock)
+            # ECONNRESET when it died with a request unread: a death all the same.
+            with contextlib.suppress(OSError):
+                await self._read_replies(sock)
             log.error(
                 "the launcher (pid %d) died: %s; restarting it",
                 process.pid,
@@ -206,6 +209,7 @@ class Launcher:
         """The launcher is gone: its pending spawns fail, its processes are lost."""
         for spawn in self._spawns.values():
             if not spawn.done.is_set():
+                os.close(spawn.read_fd)
                 spawn.error = LauncherGone(0, "the launcher died")
                 spawn.done.set()
         self._spawns.clear()
@@ -217,19 +221,27 @@ class Launcher:
         while (message := await _read_frame(sock)) is not None:
             op = message.get("op")
             if op == "spawned":
-                spawn = self._spawns.pop(str(message["job"]))
                 pid = int(message["pid"])
+                spawn = self._spawns.pop(str(message["job"]), None)
+                if spawn is None:
+                    # Given up on (no answer in time): nobody supervises it, so it goes.
+                    log.error("job %s started after its start was given up: killed", message["job"])
+                    _kill_group(pid)
+                    continue
                 process = LaunchedProcess(pid, trio.lowlevel.FdStream(spawn.read_fd))
                 self._processes[pid] = process
                 spawn.process = process
                 spawn.done.set()
-            elif op == "failed":
-                spawn = self._spawns.pop(str(message["job"]))
+            elif op in ("failed", "error"):
+                spawn = self._spawns.pop(str(message.get("job")), None)
+                if spawn is None:
+                    log.error("launcher: %s", message.get("message"))
+                    continue
                 os.close(spawn.read_fd)
                 spawn.error = LaunchFailed(
-                    int(message["errno"]),
+                    int(message.get("errno", 0)),
                     str(message["message"]),
-                    str(message["stage"]),
+                    str(message.get("stage", "setup")),
                 )
                 spawn.done.set()
             elif op == "exited":
@@ -262,13 +274,20 @@ class Launcher:
                 while view:
                     sent = await sock.send(view)
                     view = view[sent:]
-        except OSError:
-            self._spawns.pop(request.job_id, None)
-            os.close(read_fd)
+        except (OSError, trio.ClosedResourceError, trio.BrokenResourceError):
+            if self._spawns.pop(request.job_id, None) is not None:
+                os.close(read_fd)
             raise LauncherGone(0, "the launcher died") from None
         finally:
             os.close(write_fd)
-        await spawn.done.wait()
+        with trio.move_on_after(SPAWN_REPLY_S):
+            await spawn.done.wait()
+        if not spawn.done.is_set():
+            # A child stuck in the kernel (a cgroup write, a hung file system): the job is
+            # given up on now, and killed should it start after all.
+            if self._spawns.pop(request.job_id, None) is not None:
+                os.close(read_fd)
+            raise LauncherGone(0, f"the launcher did not start the job in {SPAWN_REPLY_S:.0f} s")
         if spawn.error is not None:
             raise spawn.error
         assert spawn.process is not None
@@ -286,6 +305,13 @@ async def open_launcher(
         yield launcher
     finally:
         launcher.close()
+
+
+def _kill_group(pid: int) -> None:
+    """SIGKILL a job's process group (its pid leads it; with a PID namespace, killing its
+    init ends the whole namespace)."""
+    with contextlib.suppress(OSError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 async def _read_exactly(sock: trio.socket.SocketType, size: int) -> bytes | None:

@@ -41,6 +41,7 @@ HEADER = struct.Struct("!I")  # length of the JSON payload that follows
 MAX_FDS = 1  # a request carries the job's output pipe
 MAX_FRAME = 64 * 1024 * 1024  # far above ARG_MAX: only a corrupt stream gets near it
 FAST_EXEC_WAIT_S = 0.05
+EXIT_PIDNS_STUCK = 70  # the launcher could not leave a job's PID namespace
 
 
 def write_frame(sock: _socket.socket, message: dict[str, Any]) -> None:
@@ -101,8 +102,8 @@ class Launcher:
         self._pending: dict[int, _Pending] = {}  # error pipe fd -> pending spawn
         self._pending_pids: dict[int, _Pending] = {}
         self._running: dict[int, int] = {}  # pid -> its status pipe fd
-        self._wakeup_r, wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(wakeup_w)
+        self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._wakeup_w)
         signal.signal(signal.SIGCHLD, lambda _signum, _frame: None)
         self._epoll.register(self._sock.fileno(), select.EPOLLIN)
         self._epoll.register(self._wakeup_r, select.EPOLLIN)
@@ -132,7 +133,9 @@ class Launcher:
         if message.get("op") != "spawn" or len(fds) != 1:
             for fd in fds:
                 os.close(fd)
-            write_frame(self._sock, {"op": "error", "message": "bad request"})
+            request = message.get("request")
+            job = request.get("job_id") if isinstance(request, dict) else None
+            write_frame(self._sock, {"op": "error", "job": job, "message": "bad request"})
             return True
         self._spawn(message["request"], fds[0])
         return True
@@ -148,7 +151,7 @@ class Launcher:
                 pid = os.fork()
             finally:
                 if request["isolation"]["pid"] and pid != 0:
-                    syscalls.setns(self._own_pidns, syscalls.CLONE_NEWPID)
+                    self._leave_pid_namespace(pid)
         except OSError as exc:
             for fd in (error_r, error_w, status_r, status_w, output_fd):
                 os.close(fd)
@@ -164,15 +167,23 @@ class Launcher:
             )
             return
         if pid == 0:
-            os.close(error_r)
-            os.close(status_r)
+            # Nothing of the launcher stays open in the job: with its socket held by a child
+            # that is slow to exec, the server would not see the launcher's death.
+            signal.set_wakeup_fd(-1)
+            for fd in (error_r, status_r, self._sock.fileno(), self._epoll.fileno(),
+                       self._wakeup_r, self._wakeup_w, self._own_pidns):  # fmt: skip
+                os.close(fd)
+            for fd in self._pending:
+                os.close(fd)
             sandbox.run_child(request, output_fd, error_w, status_w)
         os.close(error_w)
         # Until the child execs, every page either process writes is copied: the launcher
         # waits for the exec doing as little as it can (usually about a millisecond). A
         # child slow to get there (a kernel stalling its cgroup write) is waited for in
         # the loop instead, so that other spawns and exit reports are not held up.
-        select.select([error_r], [], [], FAST_EXEC_WAIT_S)
+        poller = select.poll()  # not select(): the launcher's fds may be above 1023
+        poller.register(error_r, select.POLLIN)
+        poller.poll(FAST_EXEC_WAIT_S * 1000)
         os.close(status_w)
         os.close(output_fd)
         pending = _Pending(request["job_id"], pid, status_r)
@@ -182,6 +193,17 @@ class Launcher:
         if not self._read_error_pipe(error_r):
             self._epoll.register(error_r, select.EPOLLIN)
             pending.watched = True
+
+    def _leave_pid_namespace(self, child: int) -> None:
+        """Back to the launcher's own PID namespace for the next children. Should the kernel
+        refuse, every later job would share this one's namespace: the child is killed and
+        the launcher exits, so that the server starts a fresh one."""
+        try:
+            syscalls.setns(self._own_pidns, syscalls.CLONE_NEWPID)
+        except OSError:
+            if child > 0:
+                os.kill(child, signal.SIGKILL)
+            os._exit(EXIT_PIDNS_STUCK)
 
     def _read_error_pipe(self, fd: int) -> bool:
         """Read what the child reported; True once its pipe reached EOF and the spawn was
@@ -256,9 +278,9 @@ class Launcher:
 def main(argv: list[str]) -> int:
     sock = _socket.socket(fileno=int(argv[1]))
     os.set_inheritable(sock.fileno(), False)
-    syscalls.set_parent_death_signal(signal.SIGKILL)
-    if os.getppid() != int(argv[2]):
-        return 1  # the server died before the parent-death signal was armed
+    # No parent-death signal: the kernel ties it to the thread that forked us (a worker
+    # thread of the server's, which exits when idle). The launcher ends at EOF on its socket
+    # instead, which the server's death closes.
     syscalls.set_child_subreaper()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl+C is the server's to handle
     launcher = Launcher(sock)

@@ -5,14 +5,15 @@ one), in this order, so that no process of the job ever runs outside what it mus
 
 1. its own session, then every cgroup of the job (``0`` written to each ``cgroup.procs``:
    the writer itself);
-2. new mount / cgroup / network namespaces (the cgroup namespace after the placement, so
-   that its root is the job's own cgroup), then the job's view of the filesystem;
+2. new mount (with IPC) / cgroup / network namespaces (the cgroup namespace after the
+   placement, so that its root is the job's own cgroup), then the job's view of the
+   filesystem;
 3. the job's uid and gid, no supplementary groups, no capabilities, no_new_privs;
 4. exec of the command. With a PID namespace the child is that namespace's PID 1, which the
    kernel shields from every signal it has no handler for (a ``sleep`` as PID 1 would
-   ignore SIGTERM); so the child stays as a minimal init: it forks the command, forwards
-   the stop signals to it, reaps orphans, and passes the command's exact wait status to the
-   launcher before it exits (the kernel then kills whatever is left in the namespace).
+   ignore SIGTERM); so the child stays as a minimal init: it forks the command (which gets
+   the stop signals itself), reaps orphans, and passes the command's exact wait status to
+   the launcher before it exits (the kernel then kills whatever is left in the namespace).
 
 A failure at any step is written to the error pipe (stage, errno, message) and the child
 exits; the pipe is close-on-exec, so the launcher reads EOF once the command runs.
@@ -42,15 +43,6 @@ EXIT_PLACE_FAILED = 125
 EXIT_SETUP_FAILED = 125
 EXIT_CANNOT_EXECUTE = 126
 EXIT_NOT_FOUND = 127
-# Signals the init passes on to the command: the ones a stop or a terminal sends.
-FORWARDED = (
-    signal.SIGTERM,
-    signal.SIGINT,
-    signal.SIGHUP,
-    signal.SIGQUIT,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-)
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
 IFF_UP = 0x1
@@ -128,7 +120,10 @@ def _place(request: dict[str, Any]) -> None:
 def _isolate(request: dict[str, Any]) -> None:
     iso = request["isolation"]
     flags = (
-        (syscalls.CLONE_NEWNS if iso["mount"] else 0)
+        # With its own mount namespace a job gets its own IPC namespace too: SysV and POSIX
+        # shared memory, semaphores and message queues that no other job shares, and that
+        # end with it.
+        (syscalls.CLONE_NEWNS | syscalls.CLONE_NEWIPC if iso["mount"] else 0)
         | (syscalls.CLONE_NEWCGROUP if iso["cgroup"] else 0)
         | (syscalls.CLONE_NEWNET if iso["net"] else 0)
     )
@@ -190,6 +185,16 @@ def _build_view(request: dict[str, Any]) -> None:
             cover,
             None,
             syscalls.MS_REMOUNT | syscalls.MS_BIND | syscalls.MS_RDONLY | TMPFS_FLAGS,
+        )
+    if os.path.isdir("/dev/pts"):
+        # Its own pseudo-terminals: opening /dev/ptmx allocates from this instance, not from
+        # the host's (whose count a job could exhaust).
+        syscalls.mount(
+            "devpts",
+            "/dev/pts",
+            "devpts",
+            syscalls.MS_NOSUID | MS_NOEXEC,
+            "newinstance,ptmxmode=0666,mode=620",
         )
     if request["isolation"]["cgroup"]:
         _cgroup_view(request["cgroup_mounts"])
@@ -265,28 +270,22 @@ def _exec(request: dict[str, Any]) -> NoReturn:
 
 
 def _run_init(request: dict[str, Any]) -> NoReturn:
-    """PID 1 of the job's namespace: fork the command, forward signals, reap, pass on the
-    command's wait status. The command's own exec failure reaches the launcher directly."""
+    """PID 1 of the job's namespace: fork the command, reap, pass on the command's wait
+    status. The command's own exec failure reaches the launcher directly.
+
+    No signal is forwarded: every stop signals each process of the job itself (through the
+    cgroup, or the process group without cgroups), the command included, so a forwarded
+    copy would reach it twice. The kernel drops the init's copy (no handler), and SIGKILL
+    still ends the init and with it the namespace."""
     command = os.fork()
     if command == 0:
         os.close(STATUS_FD)
-        for signum in FORWARDED:
-            signal.signal(signum, signal.SIG_DFL)
         try:
             _exec(request)
         except _Failed as failed:
             _report(ERROR_FD, *_fields(failed))
             os._exit(failed.exit_code)
     os.close(ERROR_FD)  # EOF for the launcher once the command has exec'd
-
-    def forward(signum: int, _frame: object) -> None:
-        try:
-            os.kill(command, signum)
-        except OSError:
-            pass
-
-    for signum in FORWARDED:
-        signal.signal(signum, forward)
     while True:
         try:
             pid, status = os.waitpid(-1, 0)

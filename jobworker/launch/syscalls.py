@@ -13,6 +13,7 @@ import os
 
 __all__ = [
     "CLONE_NEWCGROUP",
+    "CLONE_NEWIPC",
     "CLONE_NEWNET",
     "CLONE_NEWNS",
     "CLONE_NEWPID",
@@ -27,12 +28,12 @@ __all__ = [
     "no_new_privs",
     "rdonly_recursive",
     "set_child_subreaper",
-    "set_parent_death_signal",
     "setns",
     "unshare",
 ]
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWIPC = 0x08000000
 CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
@@ -45,7 +46,6 @@ MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 
-PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NO_NEW_PRIVS = 38
 
@@ -130,8 +130,3 @@ def no_new_privs() -> None:
 def set_child_subreaper() -> None:
     """Orphans of this process's descendants reparent to it (and must be reaped by it)."""
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
-
-
-def set_parent_death_signal(signum: int) -> None:
-    """The kernel sends ``signum`` to this process when its parent dies."""
-    _prctl(PR_SET_PDEATHSIG, signum)

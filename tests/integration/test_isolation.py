@@ -105,6 +105,17 @@ def test_a_jobs_cgroup_files_show_its_own_cgroup_as_the_root(
         stub.StopJob(worker_pb2.StopJobReq(id=other), timeout=10)
 
 
+def test_a_job_has_its_own_ipc_namespace_and_pseudo_terminals(
+    server: ServerProc, test_pki: TestPKI
+) -> None:
+    with admin_stub(test_pki, server) as stub:
+        text, job = run(stub, "readlink /proc/self/ns/ipc; stat -c %d /dev/pts")
+    ipc, pts_device = text.split()
+    assert job.status == "COMPLETED"
+    assert ipc != os.readlink("/proc/self/ns/ipc")  # no shared memory or queues with others
+    assert int(pts_device) != os.stat("/dev/pts").st_dev  # ptys from an instance of its own
+
+
 def test_two_running_jobs_never_share_a_uid(server: ServerProc, test_pki: TestPKI) -> None:
     with admin_stub(test_pki, server) as stub:
         first = create(stub, "sh", "-c", "id -u; sleep 100")

@@ -15,7 +15,13 @@ import pytest
 import trio
 
 import jobworker
-from jobworker.launch.launcher import LaunchedProcess, Launcher, LaunchFailed, open_launcher
+from jobworker.launch.launcher import (
+    LaunchedProcess,
+    Launcher,
+    LauncherGone,
+    LaunchFailed,
+    open_launcher,
+)
 from jobworker.launch.request import Isolation, LaunchRequest
 from tests.support import skip_unless
 
@@ -97,7 +103,12 @@ async def test_exit_statuses_pass_through_the_init_exactly(
     assert int(count) <= 4
 
 
-async def test_sigterm_to_the_init_reaches_the_command(launcher: Launcher, tmp_path: Path) -> None:
+async def test_signals_reach_the_command_through_its_group_and_sigkill_ends_the_namespace(
+    launcher: Launcher, tmp_path: Path
+) -> None:
+    """A stop signals every process of the job (the group here; the cgroup in the server):
+    the command gets it itself, and its exact status comes back through the init. SIGKILL
+    to the init ends everything in the namespace."""
     skip_unless(os.geteuid() == 0, "namespaces need root")
     work = tmp_path / "work"
     work.mkdir()
@@ -105,10 +116,17 @@ async def test_sigterm_to_the_init_reaches_the_command(launcher: Launcher, tmp_p
         request(work, "/bin/sh", "-c", "echo ready; exec sleep 100", isolation=PID_NS)
     )
     assert await process.stdout.receive_some(100) == b"ready\n"
-    os.kill(process.pid, signal.SIGTERM)  # the init, PID 1 of the job's namespace
+    os.killpg(process.pid, signal.SIGTERM)  # the init leads the job's process group
     with trio.fail_after(5):
         assert await process.wait() == -signal.SIGTERM
     await drain(process)
+    script = "sleep 300 & echo ready; wait"
+    process = await launcher.spawn(request(work, "/bin/sh", "-c", script, isolation=PID_NS))
+    assert await process.stdout.receive_some(100) == b"ready\n"
+    os.kill(process.pid, signal.SIGKILL)
+    with trio.fail_after(5):
+        assert await process.wait() == -signal.SIGKILL
+        assert await drain(process) == b""  # EOF: nothing of the namespace holds the pipe
 
 
 async def test_orphans_of_a_job_are_reaped(launcher: Launcher, tmp_path: Path) -> None:
@@ -177,3 +195,50 @@ def test_the_launcher_process_loads_no_heavy_module() -> None:
     heavy = {"json", "typing", "dataclasses", "selectors", "socket", "re", "subprocess", "trio"}
     assert loaded & heavy == set()
     assert len(loaded) < 80  # 58 today: the interpreter's own, signal, ctypes and ours
+
+
+async def test_a_launcher_that_dies_with_requests_unread_fails_them_and_comes_back(
+    launcher: Launcher, tmp_path: Path
+) -> None:
+    """Killed while requests wait in its socket (the peer then reads ECONNRESET, not EOF):
+    every pending spawn fails as LauncherGone with nothing left open, and the launcher is
+    started again."""
+    assert launcher.pid is not None
+    os.kill(launcher.pid, signal.SIGSTOP)  # the requests below stay unread
+    fds_before = len(os.listdir("/proc/self/fd"))
+    failures: list[BaseException] = []
+
+    async def spawn(job_id: str) -> None:
+        try:
+            await launcher.spawn(request(tmp_path, "/bin/true", job_id=job_id))
+        except LauncherGone as exc:
+            failures.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        for job_id in ("1", "2"):
+            nursery.start_soon(spawn, job_id)
+        with trio.fail_after(5):  # both requests registered and sent (the socket takes them)
+            while len(launcher._spawns) < 2 or launcher._send_lock.locked():
+                await trio.sleep(0.01)
+        os.kill(launcher.pid, signal.SIGKILL)
+    assert len(failures) == 2
+    with trio.fail_after(10):
+        out, code = await run(launcher, request(tmp_path, "/bin/echo", "back", job_id="3"))
+    assert (out, code) == (b"back\n", 0)
+    assert len(os.listdir("/proc/self/fd")) <= fds_before
+
+
+@pytest.mark.time_limit(60)
+async def test_the_launcher_outlives_the_thread_that_started_it(
+    launcher: Launcher, tmp_path: Path
+) -> None:
+    """trio starts processes from worker threads, which exit after an idle spell: a launcher
+    tied to its parent thread's life (a parent-death signal) was killed then, with every job."""
+    from trio._core._thread_cache import IDLE_TIMEOUT  # noqa: PLC0415 (trio's own bound)
+
+    pid = launcher.pid
+    await trio.sleep(IDLE_TIMEOUT + 2)  # waits out that idle timeout: not a synchronisation
+    assert launcher.pid == pid
+    assert launcher.restarts == 0
+    out, _ = await run(launcher, request(tmp_path, "/bin/echo", "alive"))
+    assert out == b"alive\n"
