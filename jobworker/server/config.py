@@ -10,6 +10,7 @@ from jobworker.cgroups.base import DEFAULT_PIDS_MAX
 from jobworker.cgroups.detect import CgroupMode
 from jobworker.launch.users import DEFAULT_UID_RANGE
 from jobworker.server.transport import GRPC_MESSAGE_PREFIX
+from jobworker.wire.keepalive import KeepalivePolicy
 
 
 class StartupError(Exception):
@@ -34,6 +35,7 @@ class ConnectionLimits:
     max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S
+    keepalive: KeepalivePolicy = field(default_factory=KeepalivePolicy)
 
     @property
     def stream_window(self) -> int:

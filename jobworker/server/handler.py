@@ -100,6 +100,7 @@ class ConnectionHandler:
             max_concurrent_streams=self._limits.max_concurrent_streams,
             stream_window=self._limits.stream_window,
             connection_window=self._limits.connection_window,
+            keepalive=self._limits.keepalive,
         )
         why = "closed"
         try:
@@ -116,6 +117,7 @@ class ConnectionHandler:
                             nursery.start_soon(
                                 self._close_gracefully_when_due, sock, closing, nursery, peer
                             )
+                            nursery.start_soon(self._keep_alive, sock, nursery, peer)
                             why = await sock.run(spawn)
                             nursery.cancel_scope.cancel()  # the peer is gone: cancel its RPCs
                     finally:
@@ -165,6 +167,30 @@ class ConnectionHandler:
         with trio.move_on_after(DRAIN_TIMEOUT_S):
             await sock.wait_no_streams()
         nursery.cancel_scope.cancel()
+
+    async def _keep_alive(self, sock: ServerSocket, nursery: trio.Nursery, peer: Peer) -> None:
+        """PING the peer after keepalive-time with nothing received; a PING unanswered for
+        keepalive-timeout ends the connection (the peer is gone, or too stuck to matter)."""
+        keepalive = sock.keepalive
+        while True:
+            due = keepalive.next_ping_at()
+            if trio.current_time() < due:
+                await trio.sleep_until(due)  # activity meanwhile moves the next PING: look again
+                continue
+            answered = sock.send_keepalive_ping()
+            with trio.move_on_after(keepalive.policy.timeout):
+                await answered.wait()
+            if keepalive.waiting_for_ack:
+                sock.close_reason = (
+                    f"no answer to a keepalive PING within {keepalive.policy.timeout:g}s"
+                )
+                log.info(
+                    "closing connection (%s): %s",
+                    logtext.field(peer.identity.name),
+                    sock.close_reason,
+                )
+                nursery.cancel_scope.cancel()
+                return
 
     async def _serve_rpc(
         self, sock: ServerSocket, stream: ServerStream, identity: Identity, remote: str = ""

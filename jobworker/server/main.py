@@ -42,6 +42,12 @@ from jobworker.server.logs import LOG_FORMATS, LOG_LEVELS, announce, setup_loggi
 from jobworker.server.metrics_http import MetricsListenError
 from jobworker.server.settings import CONFIG_ENV, ConfigError, render, resolve
 from jobworker.server.tls import build_server_context
+from jobworker.wire.keepalive import (
+    DEFAULT_KEEPALIVE_MIN_PING_INTERVAL_S,
+    DEFAULT_KEEPALIVE_TIME_S,
+    DEFAULT_KEEPALIVE_TIMEOUT_S,
+    KeepalivePolicy,
+)
 
 EXIT_CONFIG = 2  # argparse's code for usage errors; the same for every reason not to start
 EXIT_RUNTIME = 1
@@ -281,6 +287,29 @@ def build_parser() -> argparse.ArgumentParser:
         "also the time a client has to send a request it started (default %(default)s)",
     )
     parser.add_argument(
+        "--keepalive-time",
+        type=_positive_float,
+        default=DEFAULT_KEEPALIVE_TIME_S,
+        metavar="SECONDS",
+        help="PING a connection on which nothing arrived for this long (default %(default)s)",
+    )
+    parser.add_argument(
+        "--keepalive-timeout",
+        type=_positive_float,
+        default=DEFAULT_KEEPALIVE_TIMEOUT_S,
+        metavar="SECONDS",
+        help="close a connection whose peer leaves that PING unanswered this long "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--keepalive-min-ping-interval",
+        type=_non_negative_float,
+        default=DEFAULT_KEEPALIVE_MIN_PING_INTERVAL_S,
+        metavar="SECONDS",
+        help="a client PING sooner than this after its previous one is a strike; the third "
+        "gets GOAWAY ENHANCE_YOUR_CALM (0: no limit) (default %(default)s)",
+    )
+    parser.add_argument(
         "--max-message-bytes",
         type=_positive_int,
         default=cfg.DEFAULT_MAX_MESSAGE_BYTES,
@@ -318,6 +347,11 @@ def config_from_args(args: argparse.Namespace) -> cfg.ServerConfig:
             max_concurrent_streams=args.max_concurrent_streams,
             max_message_bytes=args.max_message_bytes,
             idle_timeout=args.idle_timeout,
+            keepalive=KeepalivePolicy(
+                time=args.keepalive_time,
+                timeout=args.keepalive_timeout,
+                min_ping_interval=args.keepalive_min_ping_interval,
+            ),
         ),
         metrics_listen=args.metrics_listen,
     )

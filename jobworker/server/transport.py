@@ -61,6 +61,7 @@ from purerpc.grpclib.exceptions import (
 from purerpc.grpclib.status import StatusCode
 
 from jobworker.wire.connection import H2Connection, WireConnection
+from jobworker.wire.keepalive import TOO_MANY_PINGS, Keepalive, KeepalivePolicy
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,14 @@ class _H2Connection(H2Connection):
 
     stream_limit: int = 100
     refused_streams: int = 0
+    # Told of every PING frame received: (payload, is_ack). h2 answers the peer's PINGs.
+    on_ping: Callable[[bytes, bool], None] | None = None
+
+    def _receive_ping_frame(self, frame: Any) -> Any:
+        result = super()._receive_ping_frame(frame)
+        if self.on_ping is not None:
+            self.on_ping(bytes(frame.opaque_data), "ACK" in frame.flags)
+        return result
 
     def _receive_headers_frame(self, frame: Any) -> Any:
         if frame.stream_id not in self.streams and self.open_inbound_streams >= self.stream_limit:
@@ -188,6 +197,7 @@ class ServerGRPCConnection(WireConnection):
 
     h2_connection: Any
     message_read_buffers: dict[int, Any]
+    keepalive: Keepalive  # the connection's, set by ServerSocket
 
     def __init__(
         self,
@@ -383,6 +393,7 @@ class ServerStream(GRPCProtoStream):  # type: ignore[misc]
             await super().start_response(content_type_suffix, custom_metadata)
         except h2.exceptions.StreamClosedError:
             await self._gone()
+        self._grpc_connection.keepalive.sent_headers_or_data()
 
     async def _gone(self) -> None:
         """The client reset the stream and h2 knew before our event loop did: end the handler
@@ -406,6 +417,7 @@ class ServerStream(GRPCProtoStream):  # type: ignore[misc]
                 if window > 0:
                     data = buffer.data_to_send(min(window, len(buffer)))
                     self._grpc_connection.send_data(self._stream_id, data)
+                    self._grpc_connection.keepalive.sent_headers_or_data()
             except h2.exceptions.StreamClosedError:
                 await self._gone()
             if window <= 0:
@@ -452,6 +464,7 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
         max_concurrent_streams: int,
         stream_window: int,
         connection_window: int,
+        keepalive: KeepalivePolicy | None = None,
     ) -> None:
         super().__init__(config, sock)
         self._grpc_connection = ServerGRPCConnection(
@@ -460,6 +473,11 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
             stream_window=stream_window,
             connection_window=connection_window,
         )
+        self.keepalive = Keepalive(keepalive or KeepalivePolicy(), trio.current_time())
+        self._grpc_connection.keepalive = self.keepalive
+        self._grpc_connection.h2_connection.on_ping = self._on_ping
+        self._ping_acked = trio.Event()
+        self.too_many_pings = False
         self._socket = ServerSocketWrapper(self._grpc_connection, sock)
         self._streams: dict[int, ServerStream] = {}
         self.last_activity = trio.current_time()  # last RPC start or end (pings do not count)
@@ -490,6 +508,7 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
                 return "closed by peer"
             except OSError as exc:
                 return f"read error: {exc.strerror or exc}"
+            self.keepalive.received(trio.current_time())
             # Reading does not count as activity: only RPCs do (a client that sends PINGs and
             # nothing else is idle, as with gRPC's MAX_CONNECTION_IDLE).
             try:
@@ -509,10 +528,33 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
                 await self._socket.flush()
                 self.protocol_error = True
                 return f"malformed gRPC request ({exc.__class__.__name__})"
+            if self.too_many_pings:
+                with contextlib.suppress(h2.exceptions.H2Error):
+                    connection.h2_connection.close_connection(
+                        error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
+                        additional_data=TOO_MANY_PINGS,
+                    )
+                await self._socket.flush()
+                self.protocol_error = True
+                return "too many pings"
             await self._socket.flush()
             for event in events:
                 # PeerGoAway: the client opens no new stream; running ones go on. Ignored.
                 self._dispatch(event, spawn)
+
+    def _on_ping(self, payload: bytes, ack: bool) -> None:
+        if ack:
+            if self.keepalive.ack_received(payload):
+                self._ping_acked.set()
+        elif self.keepalive.peer_pinged(trio.current_time()):
+            self.too_many_pings = True
+
+    def send_keepalive_ping(self) -> trio.Event:
+        """Queue a PING for a quiet peer; the returned event is set when it is answered."""
+        self._ping_acked = trio.Event()
+        self._grpc_connection.h2_connection.ping(self.keepalive.ping_sent(trio.current_time()))
+        self._socket.kick()
+        return self._ping_acked
 
     def _dispatch(self, event: Event, spawn: Callable[[ServerStream], None]) -> None:
         if isinstance(event, WindowUpdated):

@@ -539,6 +539,7 @@ class RawH2:
         self.streams: dict[int, StreamState] = {}
         self.goaway: h2.events.ConnectionTerminated | None = None
         self.pings_acked: list[bytes] = []
+        self.pings_received = 0  # PINGs from the server (h2 acknowledges them as it reads)
         self.remote_settings: dict[int, int] = {}
         self.closed = False  # the server closed the TCP connection (EOF or reset)
         self.received_bytes = 0
@@ -638,6 +639,8 @@ class RawH2:
             self.goaway = event
         elif isinstance(event, h2.events.PingAckReceived):
             self.pings_acked.append(bytes(event.ping_data))
+        elif isinstance(event, h2.events.PingReceived):
+            self.pings_received += 1
         elif isinstance(event, h2.events.RemoteSettingsChanged):
             for code, change in event.changed_settings.items():
                 self.remote_settings[int(code)] = int(change.new_value)
