@@ -19,8 +19,9 @@ from jobworker import __version__
 from jobworker.cli.render import escape
 from jobworker.client.address import parse_server
 from jobworker.engine.spec import JOB_PATH, MAX_ARG_STRLEN
+from jobworker.wire.contract import DEFAULT_PORT
 
-DEFAULT_SERVER = "localhost:50051"  # the spec's default
+DEFAULT_SERVER = f"localhost:{DEFAULT_PORT}"  # the spec's default
 DEFAULT_CERTS_DIR = "certs"  # the spec's certs/client-cert.pem etc., relative to the cwd
 CERT_FILE, KEY_FILE, CA_FILE = "client-cert.pem", "client-key.pem", "ca-cert.pem"
 ENV_SERVER = "JOB_WORKER_SERVER"

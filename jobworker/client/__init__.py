@@ -6,7 +6,7 @@ ClientError tree in ``jobworker.client.errors``.
 
 from __future__ import annotations
 
-from jobworker.client.address import DEFAULT_PORT, ServerAddress, parse_server
+from jobworker.client.address import ServerAddress, parse_server
 from jobworker.client.errors import (
     ClientError,
     ConnectError,
@@ -23,6 +23,7 @@ from jobworker.client.jobs import (
     JobOutput,
     open_client,
 )
+from jobworker.wire.contract import DEFAULT_PORT
 
 __all__ = [
     "DEFAULT_CALL_TIMEOUT_S",

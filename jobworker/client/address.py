@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DEFAULT_PORT = 50051  # the spec's "<host>:50051"
+from jobworker.wire.contract import DEFAULT_PORT
+
 MAX_PORT = 65535
 
 

@@ -56,13 +56,13 @@ from jobworker.client.errors import (
 )
 from jobworker.client.tls import tls_failure
 from jobworker.wire.connection import WireConnection
+from jobworker.wire.contract import DEFAULT_MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
 
-# grpcio's default receive limit: a server must already fit its messages in it
-# for grpcio clients. purerpc sizes each stream's receive window at twice this,
-# so it also bounds what one stream can buffer here (8 MiB, not purerpc's 64).
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# purerpc sizes each stream's receive window at twice the message limit, so it also bounds
+# what one stream can buffer here (8 MiB, not purerpc's 64).
+MAX_MESSAGE_BYTES = DEFAULT_MAX_MESSAGE_BYTES
 RECEIVE_CHUNK_BYTES = 256 * 1024  # one TLS read; several DATA frames at once
 GRPC_TIMEOUT_MAX_DIGITS = 8  # the gRPC spec: TimeoutValue is at most 8 digits
 USER_AGENT = "jobworker-client/0.1 purerpc/0.8.0"

@@ -32,8 +32,9 @@ from jobworker.client.address import ServerAddress, parse_server
 from jobworker.client.connection import Call, Connection
 from jobworker.client.errors import ConnectError, DeadlineExceeded, RpcError
 from jobworker.client.tls import client_ssl_context, open_tls_stream
+from jobworker.wire.contract import SERVICE_NAME
 
-SERVICE = "job_worker.JobService"
+SERVICE = SERVICE_NAME
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
 DEFAULT_CALL_TIMEOUT_S = 10.0
 # Leaving the client: time to send the queued RST_STREAMs, then TLS

@@ -338,6 +338,7 @@ class JobStore:
         except FileNotFoundError:
             try:
                 self.jobs_dir.mkdir(parents=True, mode=0o711)
+                os.chmod(self.jobs_dir, 0o711)  # noqa: S103 (search only; the umask cuts mkdir's)
             except OSError as exc:
                 raise DataDirUnusable(
                     f"cannot create {self.jobs_dir}: {exc.strerror or exc}"

@@ -42,9 +42,10 @@ from jobworker.server.metrics import ObservedManager, ServerMetrics, cgroups_lab
 from jobworker.server.metrics_http import open_metrics_server
 from jobworker.server.reflection import Reflection
 from jobworker.server.sdnotify import notify
-from jobworker.server.service import SERVICE_NAME, JobService
+from jobworker.server.service import JobService
 from jobworker.server.signals import open_server_signals, watch_signals
 from jobworker.server.tls import CertificateError, build_server_context, server_certificate_expiry
+from jobworker.wire.contract import SERVICE_NAME
 
 log = logging.getLogger("jobworker.server")
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from jobworker.errors import PermissionDenied
 from jobworker.server.identity import Identity
-from jobworker.server.service import SERVICE_NAME
+from jobworker.wire.contract import SERVICE_NAME
 
 ADMIN = "admin"
 VIEWER = "viewer"

@@ -8,8 +8,10 @@ from pathlib import Path
 
 from jobworker.cgroups.base import DEFAULT_PIDS_MAX
 from jobworker.cgroups.detect import CgroupMode
+from jobworker.engine.supervision import STOP_GRACE_S
 from jobworker.launch.users import DEFAULT_UID_RANGE
 from jobworker.server.transport import GRPC_MESSAGE_PREFIX
+from jobworker.wire.contract import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_PORT
 from jobworker.wire.keepalive import KeepalivePolicy
 
 
@@ -17,13 +19,11 @@ class StartupError(Exception):
     """A reason the server cannot start, as one line for the operator (the server exits 2)."""
 
 
-DEFAULT_PORT = 50051  # the spec's port
 DEFAULT_HANDSHAKE_TIMEOUT_S = 5.0  # a TLS handshake takes ms; this is for slow links, not stalls
-DEFAULT_STOP_GRACE_S = 0.1  # the spec: SIGKILL 100 ms after SIGTERM
+DEFAULT_STOP_GRACE_S = STOP_GRACE_S  # the spec: SIGKILL 100 ms after SIGTERM
 DEFAULT_MAX_CONCURRENT_STREAMS = 100  # per connection; grpc-go's default is 100 too
 DEFAULT_MAX_CONNECTIONS = 1000  # well under the default fd limit of 1024 + our own files
 DEFAULT_IDLE_TIMEOUT_S = 300.0  # a connection with no RPC for this long is closed (GOAWAY)
-DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # grpc's default receive limit
 # The connection window holds this many maximal requests in flight before the client waits.
 CONNECTION_WINDOW_MESSAGES = 2
 

@@ -21,7 +21,8 @@ from purerpc.grpclib.status import StatusCode
 from jobworker.errors import echo
 from jobworker.server.auth import HEALTH_SERVICE
 from jobworker.server.errors import RpcError
-from jobworker.server.service import SERVICE_NAME, Method, SendMessage
+from jobworker.server.service import Method, SendMessage
+from jobworker.wire.contract import SERVICE_NAME
 
 log = logging.getLogger(__name__)
 

@@ -42,6 +42,7 @@ from jobworker.server.logs import LOG_FORMATS, LOG_LEVELS, announce, setup_loggi
 from jobworker.server.metrics_http import MetricsListenError
 from jobworker.server.settings import CONFIG_ENV, ConfigError, render, resolve
 from jobworker.server.tls import build_server_context
+from jobworker.wire.contract import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_PORT
 from jobworker.wire.keepalive import (
     DEFAULT_KEEPALIVE_MIN_PING_INTERVAL_S,
     DEFAULT_KEEPALIVE_TIME_S,
@@ -169,10 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--listen",
         type=parse_listen,
-        default=f"127.0.0.1:{cfg.DEFAULT_PORT}",
+        default=f"127.0.0.1:{DEFAULT_PORT}",
         metavar="HOST:PORT",
         help="address to listen on, only this one ([::1]:PORT for IPv6; port 0 picks one) "
-        f"(default 127.0.0.1:{cfg.DEFAULT_PORT})",
+        f"(default 127.0.0.1:{DEFAULT_PORT})",
     )
     parser.add_argument(
         "--certs-dir",
@@ -312,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-message-bytes",
         type=_positive_int,
-        default=cfg.DEFAULT_MAX_MESSAGE_BYTES,
+        default=DEFAULT_MAX_MESSAGE_BYTES,
         metavar="N",
         help="largest request message accepted (default %(default)s)",
     )

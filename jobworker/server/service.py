@@ -15,10 +15,9 @@ from google.protobuf.message import Message
 
 from jobworker.api import worker_pb2 as pb
 from jobworker.engine import JobManager, JobRecord, JobSpec, rfc3339
-from jobworker.server.config import DEFAULT_MAX_MESSAGE_BYTES
 from jobworker.server.listing import PageRequest, page, too_many
+from jobworker.wire.contract import DEFAULT_MAX_MESSAGE_BYTES
 
-SERVICE_NAME = "job_worker.JobService"  # package.service in protos/worker.proto
 STREAM_CHUNK_BYTES = 64 * 1024  # DataChunk payload limit promised by the API
 EXIT_CODE_UNKNOWN = -1  # no process exits with it: exit statuses are 0-255 (README "Jobs")
 

@@ -13,7 +13,8 @@ import pytest
 
 from jobworker.api import worker_grpc, worker_pb2, worker_pb2_grpc
 from jobworker.server.auth import JOB_SERVICE_RULES, ROLE_TABLE
-from jobworker.server.service import SERVICE_NAME, JobService
+from jobworker.server.service import JobService
+from jobworker.wire.contract import SERVICE_NAME
 
 if TYPE_CHECKING:
     from tests.conftest import TestPKI

@@ -21,7 +21,7 @@ from jobworker.api import worker_pb2, worker_pb2_grpc
 from jobworker.cli import main
 from jobworker.engine import JobRecord, JobStatus, Limits
 from jobworker.engine.store import JobStore
-from jobworker.server.config import DEFAULT_MAX_MESSAGE_BYTES
+from jobworker.wire.contract import DEFAULT_MAX_MESSAGE_BYTES
 from tests.integration.conftest import start_server
 from tests.support import grpc_credentials
 
