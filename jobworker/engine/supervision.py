@@ -37,6 +37,7 @@ from jobworker.engine.store import JobStore
 from jobworker.errors import JobStartFailed
 from jobworker.launch.launcher import LaunchedProcess, Launcher, LauncherGone, LaunchFailed
 from jobworker.launch.request import LaunchRequest
+from jobworker.launch.sandbox import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, EXIT_SETUP_FAILED
 
 __all__ = [
     "LAUNCHER_DIED_REASON",
@@ -73,11 +74,6 @@ PERSIST_FALLBACK_S = 2.0  # saving the record when cleanup itself timed out
 KILL_RETRY_S = 1.0
 SURVIVORS_REASON = "processes survive SIGKILL: retrying the kill"
 UNENDED_REASON = "processes survived SIGKILL: the next start kills them"
-# Shell convention for a command that could not be executed (found but not runnable) and
-# for one that was not found, used as the exit code of a job that never started.
-EXIT_CANNOT_EXECUTE = 126
-EXIT_NOT_FOUND = 127
-EXIT_SETUP_FAILED = 125  # placement, isolation or the user switch failed: never exec'd
 OOM_EXIT_CODE = 137  # the kernel's OOM killer sends SIGKILL: 128 + 9
 
 
@@ -222,9 +218,7 @@ class SupervisedJob(Job):
                 log.exception("job %s: cannot kill what its failed start left", self.id)
                 emptied = False
         await self._cgroup.remove()
-        if isinstance(exc, LaunchFailed) and exc.stage == "exec":
-            exit_code = EXIT_NOT_FOUND if exc.errno == errno.ENOENT else EXIT_CANNOT_EXECUTE
-        elif isinstance(exc, LaunchFailed | LauncherGone):
+        if isinstance(exc, LaunchFailed | LauncherGone) and getattr(exc, "stage", "") != "exec":
             exit_code = EXIT_SETUP_FAILED
         else:
             exit_code = EXIT_NOT_FOUND if exc.errno == errno.ENOENT else EXIT_CANNOT_EXECUTE

@@ -1,10 +1,10 @@
 """The launcher process: a warm, single-threaded Python that forks every job.
 
-Started once by the server (``python -m jobworker.launch FD``) and talked to over a Unix
-stream socket: the server sends spawn requests (a JSON frame, the job's output pipe beside it
-as SCM_RIGHTS); the launcher forks, the child places and isolates itself
-(``sandbox.run_child``), and the launcher answers ``spawned`` once the command has exec'd
-(the child's close-on-exec error pipe reached EOF) or ``failed`` with what the child
+Started once by the server (``launcher.LAUNCHER_MAIN``, under ``python -S -I``) and talked
+to over a Unix stream socket: the server sends spawn requests (a marshal'd frame, the job's
+output pipe beside it as SCM_RIGHTS); the launcher forks, the child places and isolates
+itself (``sandbox.run_child``), and the launcher answers ``spawned`` once the command has
+exec'd (the child's close-on-exec error pipe reached EOF) or ``failed`` with what the child
 reported. It is the parent of every job, so it also reports each job's exit status, and as a
 child subreaper it reaps the orphans a job leaves (without its own PID namespace a job's
 double-forked processes reparent here).

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Isolation", "LaunchRequest", "StartError"]
+__all__ = ["Isolation", "LaunchRequest"]
 
 
 @dataclass(frozen=True)
@@ -53,14 +53,3 @@ class LaunchRequest:
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
-
-
-@dataclass(frozen=True)
-class StartError:
-    """Why a job's process could not be started, as the child reported it."""
-
-    stage: str  # "place", "isolate", "user", "exec"
-    errno: int
-    message: str
-
-    PLACE_FAILED = "could not place the job in its cgroup"

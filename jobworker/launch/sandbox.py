@@ -39,9 +39,10 @@ __all__ = ["ERROR_FD", "STATUS_FD", "run_child"]
 # Where the child keeps its two pipes once stdio is set up (everything above is closed).
 ERROR_FD = 3
 STATUS_FD = 4
-EXIT_PLACE_FAILED = 125
-EXIT_SETUP_FAILED = 125
-EXIT_CANNOT_EXECUTE = 126
+# A job that never exec'd exits with these (shell conventions for 126 and 127): the
+# engine records them as its exit code.
+EXIT_SETUP_FAILED = 125  # placement, isolation or the user switch failed
+EXIT_CANNOT_EXECUTE = 126  # found but not runnable
 EXIT_NOT_FOUND = 127
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
@@ -113,7 +114,7 @@ def _place(request: dict[str, Any]) -> None:
                 os.close(fd)
         except OSError as exc:
             raise _Failed(
-                "place", exc.errno or 0, "could not place the job in its cgroup", EXIT_PLACE_FAILED
+                "place", exc.errno or 0, "could not place the job in its cgroup", EXIT_SETUP_FAILED
             ) from None
 
 

@@ -140,7 +140,7 @@ class JobUsers:
             parents = [os.stat(p) for p in _parents(os.path.realpath(path))]
         except OSError:
             return False
-        groups = _groups_of(ids)
+        groups = {ids.gid}  # no supplementary groups: the launcher drops them
         return _may_search(target, ids.uid, groups) and all(
             _may_search(parent, ids.uid, groups) for parent in parents
         )
@@ -153,10 +153,6 @@ def _parents(path: str) -> list[str]:
         found.append(path)
         if path == "/":
             return found
-
-
-def _groups_of(ids: _Fixed) -> set[int]:
-    return {ids.gid}  # no supplementary groups: the launcher drops them
 
 
 def _may_search(info: os.stat_result, uid: int, groups: set[int]) -> bool:

@@ -61,13 +61,23 @@ def output(stub: Stub, job_id: str) -> str:
 
 
 def finished(stub: Stub, job_id: str) -> worker_pb2.GetJobRes:
-    output(stub, job_id)
+    output(stub, job_id)  # ends once the job has ended
     return stub.GetJob(worker_pb2.GetJobReq(id=job_id), timeout=5)
 
 
 def run(stub: Stub, script: str) -> tuple[str, worker_pb2.GetJobRes]:
     job_id = create(stub, "sh", "-c", script)
-    return output(stub, job_id), finished(stub, job_id)
+    text = output(stub, job_id)  # ends once the job has ended
+    return text, stub.GetJob(worker_pb2.GetJobReq(id=job_id), timeout=5)
+
+
+def stream_head(stub: Stub, job_id: str) -> str:
+    """The first chunk of the job's output; the stream is cancelled, not left open."""
+    chunks = stub.GetJobsStream(worker_pb2.GetJobsStreamReq(id=job_id), timeout=10)
+    try:
+        return next(iter(chunks)).payload.decode(errors="replace")
+    finally:
+        chunks.cancel()
 
 
 def test_a_job_sees_only_its_own_processes_and_runs_as_its_own_uid(
@@ -121,11 +131,7 @@ def test_two_running_jobs_never_share_a_uid(server: ServerProc, test_pki: TestPK
         first = create(stub, "sh", "-c", "id -u; sleep 100")
         second = create(stub, "sh", "-c", "id -u; sleep 100")
 
-        def uid_of(job_id: str) -> str:
-            chunks = stub.GetJobsStream(worker_pb2.GetJobsStreamReq(id=job_id), timeout=10)
-            return next(iter(chunks)).payload.decode().strip()
-
-        assert uid_of(first) != uid_of(second)
+        assert stream_head(stub, first).strip() != stream_head(stub, second).strip()
         for job_id in (first, second):
             stub.StopJob(worker_pb2.StopJobReq(id=job_id), timeout=10)
 
@@ -135,7 +141,7 @@ def test_a_job_cannot_reach_the_servers_secrets_other_jobs_or_its_own_limits(
 ) -> None:
     with admin_stub(test_pki, server) as stub:
         other = create(stub, "sh", "-c", "echo secret output; sleep 100")
-        poll(lambda: "secret" in _stream_head(stub, other), 10, "the other job's output")
+        poll(lambda: "secret" in stream_head(stub, other), 10, "the other job's output")
         data = server.data_dir.resolve()
         attempts = {
             "server key": f"cat {test_pki.dir / 'server-key.pem'}",
@@ -157,11 +163,6 @@ def test_a_job_cannot_reach_the_servers_secrets_other_jobs_or_its_own_limits(
         assert not (data / "jobs" / other / "work" / "planted").exists()
         assert not Path("/usr/planted").exists()
         stub.StopJob(worker_pb2.StopJobReq(id=other), timeout=10)
-
-
-def _stream_head(stub: Stub, job_id: str) -> str:
-    chunks = stub.GetJobsStream(worker_pb2.GetJobsStreamReq(id=job_id), timeout=10)
-    return next(iter(chunks)).payload.decode(errors="replace")
 
 
 def test_a_job_has_a_private_tmp_and_home_in_its_work_dir(
@@ -192,7 +193,7 @@ def test_a_mount_inside_a_job_is_invisible_outside(
         job_id = create(
             stub, "sh", "-c", "mkdir -p m && mount -t tmpfs jobtmpfs m && echo mounted; sleep 100"
         )
-        poll(lambda: "mounted" in _stream_head(stub, job_id), 10, "the mount")
+        poll(lambda: "mounted" in stream_head(stub, job_id), 10, "the mount")
         assert "jobtmpfs" not in Path("/proc/self/mounts").read_text()
         stub.StopJob(worker_pb2.StopJobReq(id=job_id), timeout=10)
 
@@ -221,7 +222,7 @@ def test_a_setsid_tree_ignoring_sigterm_is_gone_after_the_grace(
     tree = "for i in 1 2 3; do setsid sh -c 'trap \"\" TERM; sleep 300' & done; echo up; wait"
     with admin_stub(test_pki, server) as stub:
         job_id = create(stub, "sh", "-c", tree)
-        poll(lambda: "up" in _stream_head(stub, job_id), 10, "the tree")
+        poll(lambda: "up" in stream_head(stub, job_id), 10, "the tree")
         before = server.children()
         stopped = stub.StopJob(worker_pb2.StopJobReq(id=job_id), timeout=10)
         assert stopped.status == "STOPPED"

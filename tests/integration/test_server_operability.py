@@ -38,13 +38,19 @@ def _list(channel: grpc.Channel) -> int:
     return len(stub.GetJobs(worker_pb2.EmptyRequest(), timeout=10).jobs)
 
 
-def test_sighup_reloads_the_certificates_for_new_connections(
-    server_factory: ServerFactory, test_pki: TestPKI, tmp_path: Path
-) -> None:
+def _served_copy(test_pki: TestPKI, tmp_path: Path) -> Path:
+    """A certs dir of the server's own files, copied from the test PKI (free to rotate)."""
     served = tmp_path / "served-certs"
     served.mkdir()
     for name in SERVER_FILES:
         shutil.copy(test_pki.dir / name, served / name)
+    return served
+
+
+def test_sighup_reloads_the_certificates_for_new_connections(
+    server_factory: ServerFactory, test_pki: TestPKI, tmp_path: Path
+) -> None:
+    served = _served_copy(test_pki, tmp_path)
     with server_factory("--certs-dir", str(served)) as srv:
         old = grpc.secure_channel(srv.address, _credentials(test_pki.dir))
         assert _list(old) == 0  # an established connection, made with the old CA
@@ -70,10 +76,7 @@ def test_sighup_reloads_the_certificates_for_new_connections(
 def test_a_bad_reload_keeps_the_current_certificates(
     server_factory: ServerFactory, test_pki: TestPKI, tmp_path: Path
 ) -> None:
-    served = tmp_path / "served-certs"
-    served.mkdir()
-    for name in SERVER_FILES:
-        shutil.copy(test_pki.dir / name, served / name)
+    served = _served_copy(test_pki, tmp_path)
     with server_factory("--certs-dir", str(served)) as srv:
         (served / "server-key.pem").write_text("not a key\n")
         srv.process.send_signal(signal.SIGHUP)
