@@ -1,12 +1,30 @@
-"""The one error tree of jobworker.
+"""The one error tree of jobworker, for the server and the client alike.
 
-Every error a client may see is a JobWorkerError whose message is written for
-people, in the spec's wording where the spec has one. The server maps each
-class to a gRPC status code in one table (jobworker.server.errors); anything
-else that escapes a handler is reported as INTERNAL with a short message.
+Every error a caller may see is a JobWorkerError whose message is written for
+people, in the spec's wording where the spec has one::
+
+    JobWorkerError
+     +-- JobNotFound, JobNotRunning, InvalidJobSpec (CommandNotFound, ...),
+     |   JobStartFailed, DataDiskFull, OutputLost, PermissionDenied
+     +-- RpcError: a call ends (server side) or ended (client side) with a gRPC status
+          +-- DeadlineExceeded      DEADLINE_EXCEEDED, no answer in time
+          +-- ServerShuttingDown    UNAVAILABLE "server shutting down"
+          +-- ConnectError          UNAVAILABLE, no usable connection could be made
+          +-- ConnectionLost        UNAVAILABLE, the connection dropped mid-call
+
+The server maps each of the first group to a gRPC status code in one table
+(jobworker.server.errors) and sends an RpcError's status as it is; anything else
+that escapes a handler is reported as INTERNAL with a short message. The client
+raises only RpcErrors: the status the server sent, or the one a grpc client would
+report for a failure of the connection itself.
+
+Nurseries wrap what escapes them in exception groups; ``leaves`` and ``unwrap``
+are the one way to look inside.
 """
 
 from __future__ import annotations
+
+import enum
 
 # Errors echo what the client sent (an id, a command). Echo a bounded prefix: the message
 # travels in an HTTP/2 trailer, where grpc clients drop anything over 16 KiB and the HPACK
@@ -113,3 +131,85 @@ class PermissionDenied(JobWorkerError):
         super().__init__(f"role {role} is not allowed to perform operation {operation}")
         self.role = role
         self.operation = operation
+
+
+class RpcError(JobWorkerError):
+    """A call ends, or ended, with a gRPC status other than OK.
+
+    ``code_name`` is the status name (``NOT_FOUND``, ``UNAVAILABLE``, ...); ``message`` is
+    the status message, e.g. ``job not found: 999``. Server code raises it to end a call
+    with exactly that status; the client raises it for the status a server sent.
+    """
+
+    def __init__(self, code: str | enum.Enum, message: str) -> None:
+        code_name = code if isinstance(code, str) else code.name
+        super().__init__(message or code_name.lower().replace("_", " "))
+        self.code_name = code_name
+        self.message = message
+
+
+class DeadlineExceeded(RpcError):
+    """Raised by the client when a unary call gets no complete answer within its deadline.
+
+    The call is cancelled (RST_STREAM) before this is raised; the server was told the same
+    deadline in ``grpc-timeout``.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__("DEADLINE_EXCEEDED", f"deadline exceeded: no answer within {timeout:g} s")
+        self.timeout = timeout
+
+
+SHUTDOWN_MESSAGE = "server shutting down"  # the server's words, and the client's
+
+
+class ServerShuttingDown(RpcError):
+    """The server ends a call because it is going away: a status UNAVAILABLE ``server
+    shutting down``, UNAVAILABLE after the server announced a graceful close (GOAWAY with
+    NO_ERROR), or the connection ending after such a GOAWAY before the call finished. The
+    call may be retried once the server is back.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("UNAVAILABLE", SHUTDOWN_MESSAGE)
+
+
+class ConnectError(RpcError):
+    """Raised by open_client when no usable connection could be set up (UNAVAILABLE).
+
+    Messages say which step failed: ``cannot connect to host:port: ...``,
+    ``certificate verify failed: ...`` (the server's certificate),
+    ``the server refused our certificate: ...`` or ``TLS handshake refused by server:
+    ...`` (ours), ``missing certificate file at PATH``,
+    ``certificate file is a directory: PATH``, ``cannot load certificate PATH: not a PEM
+    certificate``, ``cannot load key PATH: ...``, ``key PATH does not match certificate
+    PATH``.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__("UNAVAILABLE", message)
+
+
+class ConnectionLost(RpcError):
+    """Raised by every call in progress (and every later call) once the connection has
+    dropped (UNAVAILABLE)."""
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(
+            "UNAVAILABLE", f"connection lost: {detail}" if detail else "connection lost"
+        )
+        self.detail = detail
+
+
+def leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside ``exc``, however deeply grouped; ``[exc]`` for a plain one."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in leaves(sub)]
+    return [exc]
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """``exc`` without the single-member groups around it (a nursery wraps even one error)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc

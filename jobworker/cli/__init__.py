@@ -30,12 +30,13 @@ from jobworker.cli.args import (
 )
 from jobworker.cli.commands import run
 from jobworker.cli.render import escape
-from jobworker.client import (
-    ClientError,
+from jobworker.errors import (
     ConnectError,
     ConnectionLost,
     DeadlineExceeded,
+    RpcError,
     ServerShuttingDown,
+    leaves,
 )
 
 __all__ = ["main"]
@@ -56,8 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _report(exc)
 
 
-def exit_status(error: ClientError) -> int:
-    """The exit status for a client error."""
+def exit_status(error: RpcError) -> int:
+    """The exit status for an error the client raised."""
     if isinstance(error, ServerShuttingDown):
         return EXIT_SHUTDOWN
     if isinstance(error, ConnectError | ConnectionLost | DeadlineExceeded):
@@ -66,24 +67,24 @@ def exit_status(error: ClientError) -> int:
 
 
 def _report(exc: BaseException) -> int:
-    leaves = _leaves(exc)
-    if any(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
+    found = leaves(exc)
+    if any(isinstance(leaf, KeyboardInterrupt) for leaf in found):
         with contextlib.suppress(Exception):
             if sys.stderr.isatty():
                 sys.stderr.write("\n")  # after the terminal's ^C
         return EXIT_INTERRUPTED
-    if any(isinstance(leaf, BrokenPipeError) for leaf in leaves):
+    if any(isinstance(leaf, BrokenPipeError) for leaf in found):
         # stdout was closed early ("| head"): not an error for the user.
         _silence_stdout()
         return EXIT_OK
-    for leaf in leaves:
+    for leaf in found:
         if isinstance(leaf, SystemExit):
             return leaf.code if isinstance(leaf.code, int) else EXIT_OK
-    error = next((leaf for leaf in leaves if isinstance(leaf, ClientError)), None)
+    error = next((leaf for leaf in found if isinstance(leaf, RpcError)), None)
     if error is not None:
         _error_line(str(error))
         return exit_status(error)
-    first = leaves[0]
+    first = found[0]
     _error_line(f"unexpected {type(first).__name__}: {first}")
     return EXIT_SERVER_ERROR
 
@@ -92,12 +93,6 @@ def _error_line(message: str) -> None:
     # The message may quote what a server or a job's creator sent: escaped, one line.
     with contextlib.suppress(Exception):
         print("Error: " + escape(message.strip()), file=sys.stderr, flush=True)
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
-    return [exc]
 
 
 def _silence_stdout() -> None:

@@ -12,7 +12,7 @@ from jobworker.client import JobClient, RpcError, open_client
 async def run(command: Command, stdout: BinaryIO, stderr: TextIO) -> int:
     """Connect, run the command, write its output; return the exit status.
 
-    Raises ClientError for the caller to report. Cancellation or Ctrl+C
+    Raises RpcError for the caller to report. Cancellation or Ctrl+C
     resets a stream in progress and closes the connection on the way out.
     """
     settings = command.connection

@@ -1,27 +1,25 @@
 """The jobworker client: JobService over purerpc and mutual TLS on Trio.
 
-``open_client(server, cert=, key=, ca=)`` gives a JobClient; errors are the
-ClientError tree in ``jobworker.client.errors``.
+``open_client(server, cert=, key=, ca=)`` gives a JobClient; every error it raises is
+an RpcError of the one tree in ``jobworker.errors``.
 """
 
 from __future__ import annotations
 
 from jobworker.client.address import ServerAddress, parse_server
-from jobworker.client.errors import (
-    ClientError,
+from jobworker.client.jobs import (
+    DEFAULT_CALL_TIMEOUT_S,
+    DEFAULT_CONNECT_TIMEOUT_S,
+    JobClient,
+    JobOutput,
+    open_client,
+)
+from jobworker.errors import (
     ConnectError,
     ConnectionLost,
     DeadlineExceeded,
     RpcError,
     ServerShuttingDown,
-)
-from jobworker.client.jobs import (
-    DEFAULT_CALL_TIMEOUT_S,
-    DEFAULT_CONNECT_TIMEOUT_S,
-    ClientSession,
-    JobClient,
-    JobOutput,
-    open_client,
 )
 from jobworker.wire.contract import DEFAULT_PORT
 
@@ -29,8 +27,6 @@ __all__ = [
     "DEFAULT_CALL_TIMEOUT_S",
     "DEFAULT_CONNECT_TIMEOUT_S",
     "DEFAULT_PORT",
-    "ClientError",
-    "ClientSession",
     "ConnectError",
     "ConnectionLost",
     "DeadlineExceeded",

@@ -46,15 +46,14 @@ from purerpc.grpclib.exceptions import StreamClosedError
 from purerpc.grpclib.status import Status, StatusCode
 
 from jobworker.client.address import ServerAddress
-from jobworker.client.errors import (
+from jobworker.client.tls import tls_failure
+from jobworker.errors import (
     SHUTDOWN_MESSAGE,
-    ClientError,
     ConnectError,
     ConnectionLost,
     RpcError,
     ServerShuttingDown,
 )
-from jobworker.client.tls import tls_failure
 from jobworker.wire.connection import WireConnection
 from jobworker.wire.contract import DEFAULT_MAX_MESSAGE_BYTES
 
@@ -175,7 +174,7 @@ class Call:
         self.stream_id = stream_id
         self._messages: collections.deque[tuple[bytes, int]] = collections.deque()
         self._status: Status | None = None
-        self._failure: Callable[[], ClientError] | None = None
+        self._failure: Callable[[], RpcError] | None = None
         self._changed = trio.Event()
         self._window = trio.Event()
         self._request_ended = False  # our END_STREAM is out: the stream is half-closed (local)
@@ -261,7 +260,7 @@ class Call:
             self._status = status
         self._wake()
 
-    def _fail(self, failure: Callable[[], ClientError]) -> None:
+    def _fail(self, failure: Callable[[], RpcError]) -> None:
         if not self.finished:
             self._failure = failure
         self._window.set()
@@ -297,13 +296,14 @@ class Connection:
         self._calls: dict[int, Call] = {}
         self._ready = trio.Event()
         self._is_up = False
-        self._failure: Callable[[], ClientError] | None = None
+        self._failure: Callable[[], RpcError] | None = None
         self._goaway = False
         self._goaway_last_stream_id = 0
         self.closing_gracefully = False  # the server sent GOAWAY with NO_ERROR
         self._wake_writer = trio.Event()
         self._closing = False
         self.writer_done = trio.Event()
+        self._writer_scope = trio.CancelScope(shield=True)
         self.protocol.initiate_connection()
 
     async def wait_ready(self) -> None:
@@ -376,23 +376,36 @@ class Connection:
 
     @trio.lowlevel.enable_ki_protection
     async def run_writer(self) -> None:
-        """The only task that sends on the stream. Returns when closing (after draining)."""
+        """The only task that sends on the stream. Returns when closing (after draining).
+
+        Shielded from the cancellation of its nursery's surroundings: when the caller's block
+        is cancelled, the RST_STREAMs its cleanup queues must still get out. Whoever closes
+        the connection bounds the drain and then calls ``stop_writer()``.
+        """
         try:
-            while True:
-                data = self.protocol.data_to_send()
-                if data:
-                    try:
-                        await self.stream.send_all(data)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                        self._fail_from_transport(exc)
-                        return
-                elif self._closing or self._failure is not None:
-                    return
-                else:
-                    await self._wake_writer.wait()
-                    self._wake_writer = trio.Event()
+            with self._writer_scope:
+                await self._write_until_closed()
         finally:
             self.writer_done.set()
+
+    def stop_writer(self) -> None:
+        """End the writer now, sent or not (after a bounded wait for ``writer_done``)."""
+        self._writer_scope.cancel()
+
+    async def _write_until_closed(self) -> None:
+        while True:
+            data = self.protocol.data_to_send()
+            if data:
+                try:
+                    await self.stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    self._fail_from_transport(exc)
+                    return
+            elif self._closing or self._failure is not None:
+                return
+            else:
+                await self._wake_writer.wait()
+                self._wake_writer = trio.Event()
 
     @trio.lowlevel.enable_ki_protection
     async def run_reader(self) -> None:
@@ -465,7 +478,7 @@ class Connection:
         self._goaway = True
         self._goaway_last_stream_id = event.last_stream_id
         self.closing_gracefully = event.error_code == h2.errors.ErrorCodes.NO_ERROR
-        gone: Callable[[], ClientError] = (
+        gone: Callable[[], RpcError] = (
             ServerShuttingDown
             if self.closing_gracefully
             else functools.partial(ConnectionLost, "the server closed the connection")
@@ -490,7 +503,7 @@ class Connection:
         )
         self._fail(functools.partial(ConnectError, str(error)))
 
-    def _fail(self, failure: Callable[[], ClientError]) -> None:
+    def _fail(self, failure: Callable[[], RpcError]) -> None:
         """Mark the connection failed and wake every call and waiter. Idempotent."""
         if self._failure is None:
             self._failure = failure

@@ -18,8 +18,8 @@ socket.
 from __future__ import annotations
 
 import builtins
-from collections.abc import Sequence
-from contextlib import AbstractAsyncContextManager
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Protocol, Self, TypeVar
@@ -30,8 +30,8 @@ from google.protobuf.message import DecodeError
 from jobworker.api import worker_pb2
 from jobworker.client.address import ServerAddress, parse_server
 from jobworker.client.connection import Call, Connection
-from jobworker.client.errors import ConnectError, DeadlineExceeded, RpcError
 from jobworker.client.tls import client_ssl_context, open_tls_stream
+from jobworker.errors import ConnectError, DeadlineExceeded, RpcError, unwrap
 from jobworker.wire.contract import SERVICE_NAME
 
 SERVICE = SERVICE_NAME
@@ -55,7 +55,8 @@ class _Parser(Protocol[_Response_co]):
     def FromString(self, data: bytes) -> _Response_co: ...  # protobuf's name
 
 
-def open_client(
+@contextlib.asynccontextmanager
+async def open_client(
     server: str,
     *,
     cert: str | Path,
@@ -63,111 +64,59 @@ def open_client(
     ca: str | Path,
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
     call_timeout: float = DEFAULT_CALL_TIMEOUT_S,
-) -> ClientSession:
-    """An async context manager giving a connected JobClient.
+) -> AsyncIterator[JobClient]:
+    """A connected JobClient, for the duration of an ``async with`` block.
 
-    ``server`` is "host:port", "[v6]:port" or "host" (port 50051). Entering it
-    connects and raises ConnectError within ``connect_timeout`` on any failure
-    (unreachable, TLS, certificate refused, missing certificate file).
+    ``server`` is "host:port", "[v6]:port" or "host" (port 50051). Entering connects and
+    raises ConnectError within ``connect_timeout`` on any failure (unreachable, TLS,
+    certificate refused, missing certificate file, no SETTINGS from the server).
+
+    The block runs inside the nursery of the connection's reader and writer tasks. Leaving
+    it, however that happens (normal exit, exception, cancellation, Ctrl+C), resets the
+    calls still open and flushes every queued RST_STREAM (shielded, at most
+    CLOSE_FLUSH_S), stops the tasks, then sends TLS close_notify and closes the socket
+    (shielded, at most CLOSE_STREAM_S). The tasks never raise (they fail the connection
+    instead), so what leaves the block is its own exception, bare, not in a group.
     """
-    return ClientSession(
-        server,
-        cert=cert,
-        key=key,
-        ca=ca,
-        connect_timeout=connect_timeout,
-        call_timeout=call_timeout,
-    )
-
-
-class ClientSession:
-    """Owns the connection, its reader/writer tasks and the socket.
-
-    Entering connects (bounded by connect_timeout). Exiting, however it
-    happens (normal exit, exception, cancellation, Ctrl+C), resets the calls
-    still open and flushes every queued RST_STREAM (shielded, at most
-    CLOSE_FLUSH_S), stops the tasks, then sends TLS close_notify and closes the
-    socket (shielded, at most CLOSE_STREAM_S). The
-    nursery that owns the tasks is entered here by hand, so that exceptions of
-    the body pass through unwrapped (no ExceptionGroup around them); the two
-    tasks never raise (they fail the connection instead).
-    """
-
-    def __init__(
-        self,
-        server: str,
-        *,
-        cert: str | Path,
-        key: str | Path,
-        ca: str | Path,
-        connect_timeout: float,
-        call_timeout: float,
-    ) -> None:
-        self._server = server
-        self._cert, self._key, self._ca = cert, key, ca
-        self._connect_timeout = connect_timeout
-        self._call_timeout = call_timeout
-        self._nursery_manager: AbstractAsyncContextManager[trio.Nursery] | None = None
-        self._nursery: trio.Nursery | None = None
-        self._connection: Connection | None = None
-
-    async def __aenter__(self) -> JobClient:
-        try:
-            address = parse_server(self._server)
-        except ValueError as exc:
-            raise ConnectError(str(exc)) from None
-        context = client_ssl_context(self._cert, self._key, self._ca)
-        # The nursery outlives __aenter__, so it is entered first and the
-        # connect deadline nests inside it.
-        self._nursery_manager = trio.open_nursery()
-        nursery = await self._nursery_manager.__aenter__()
-        self._nursery = nursery
-        try:
-            with trio.fail_after(self._connect_timeout):
-                stream = await open_tls_stream(address, context, self._cert)
-                self._connection = Connection(stream, address, self._cert)
-                nursery.start_soon(self._connection.run_reader)
-                nursery.start_soon(self._connection.run_writer)
-                await self._connection.wait_ready()
-        except trio.TooSlowError:
-            await self._shutdown()
-            raise ConnectError(
-                f"cannot connect to {address}: no answer within {self._connect_timeout:g} s"
-            ) from None
-        except BaseException:
-            await self._shutdown()
-            raise
-        return JobClient(self._connection, address, self._call_timeout)
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self._shutdown()
-
-    async def _shutdown(self) -> None:
-        connection, self._connection = self._connection, None
-        manager, self._nursery_manager = self._nursery_manager, None
-        nursery, self._nursery = self._nursery, None
-        try:
-            if connection is not None:
+    try:
+        address = parse_server(server)
+    except ValueError as exc:
+        raise ConnectError(str(exc)) from None
+    context = client_ssl_context(cert, key, ca)
+    deadline = trio.current_time() + connect_timeout
+    too_slow = f"cannot connect to {address}: no answer within {connect_timeout:g} s"
+    try:
+        with trio.fail_at(deadline):
+            stream = await open_tls_stream(address, context, cert)
+    except trio.TooSlowError:
+        raise ConnectError(too_slow) from None
+    try:
+        async with trio.open_nursery() as nursery:
+            connection = Connection(stream, address, cert)
+            nursery.start_soon(connection.run_reader)
+            nursery.start_soon(connection.run_writer)
+            try:
+                try:
+                    with trio.fail_at(deadline):
+                        await connection.wait_ready()
+                except trio.TooSlowError:
+                    raise ConnectError(too_slow) from None
+                yield JobClient(connection, address, call_timeout)
+            finally:
                 connection.close_gracefully()
                 with trio.move_on_after(CLOSE_FLUSH_S, shield=True):
                     await connection.writer_done.wait()
-        finally:
-            try:
-                if manager is not None and nursery is not None:
-                    nursery.cancel_scope.cancel()
-                    # Not wrapped in a shield: a scope around a nursery's exit would
-                    # not nest. None needed either: exiting waits for the (cancelled) tasks.
-                    await manager.__aexit__(None, None, None)
-            finally:
-                if connection is not None:
-                    with trio.move_on_after(CLOSE_STREAM_S, shield=True):
-                        await connection.stream.aclose()
-                    await trio.aclose_forcefully(connection.stream)  # no-op if closed
+                connection.stop_writer()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        leaf = unwrap(group)
+        if isinstance(leaf, BaseExceptionGroup):
+            raise
+        raise leaf from leaf.__cause__
+    finally:
+        with trio.move_on_after(CLOSE_STREAM_S, shield=True):
+            await stream.aclose()
+        await trio.aclose_forcefully(stream)  # no-op if closed
 
 
 class JobClient:

@@ -16,7 +16,7 @@ from pathlib import Path
 import trio
 
 from jobworker.client.address import ServerAddress
-from jobworker.client.errors import ConnectError
+from jobworker.errors import ConnectError, leaves
 
 ALPN_H2 = "h2"  # gRPC servers (grpcio, ours) refuse a TLS client that does not offer h2
 # A server that vanishes without a FIN (host down, cable cut) is noticed by TCP
@@ -190,7 +190,7 @@ def describe_os_error(exc: OSError) -> str:
     candidates: list[BaseException] = [exc]
     cause = exc.__cause__
     if isinstance(cause, BaseExceptionGroup):
-        candidates[:0] = _leaves(cause)
+        candidates[:0] = leaves(cause)
     elif cause is not None:
         candidates.insert(0, cause)
     for candidate in candidates:
@@ -205,13 +205,6 @@ def describe_os_error(exc: OSError) -> str:
             continue
         return text[:1].lower() + text[1:]
     return str(exc) or type(exc).__name__
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    leaves: list[BaseException] = []
-    for sub in group.exceptions:
-        leaves.extend(_leaves(sub) if isinstance(sub, BaseExceptionGroup) else [sub])
-    return leaves
 
 
 def _set_keepalive(sock: trio.socket.SocketType) -> None:

@@ -21,6 +21,8 @@ from jobworker.errors import (
     JobWorkerError,
     OutputLost,
     PermissionDenied,
+    RpcError,
+    unwrap,
 )
 
 log = logging.getLogger(__name__)
@@ -40,26 +42,11 @@ STATUS_TABLE: dict[type[JobWorkerError], StatusCode] = {
 }
 
 
-class RpcError(Exception):
-    """Raised by our own server code to end an RPC with a given status (fixed message)."""
-
-    def __init__(self, code: StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.status = Status(code, message)
-
-
-def unwrap(exc: BaseException) -> BaseException:
-    """Strip single-leaf exception groups (anyio 4 / Trio nurseries wrap errors in them)."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
-
-
 def status_for(exc: Exception) -> Status:
     """The status a client sees for ``exc``. Logs the traceback of anything unexpected."""
     leaf = unwrap(exc)
     if isinstance(leaf, RpcError):
-        return leaf.status
+        return Status(StatusCode[leaf.code_name], leaf.message)
     if isinstance(leaf, JobWorkerError):
         for cls in type(leaf).__mro__:
             code = STATUS_TABLE.get(cls)

@@ -27,9 +27,10 @@ from purerpc.grpclib.events import MessageReceived, RequestEnded, RequestReceive
 from purerpc.grpclib.status import Status, StatusCode
 
 from jobworker import logtext
+from jobworker.errors import RpcError, unwrap
 from jobworker.server.auth import authorize, operation_name, rule_for
 from jobworker.server.config import ConnectionLimits
-from jobworker.server.errors import RpcError, status_for, unwrap
+from jobworker.server.errors import status_for
 from jobworker.server.identity import Identity
 from jobworker.server.service import Method
 from jobworker.server.tls import Peer

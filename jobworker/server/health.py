@@ -18,9 +18,8 @@ import trio
 from grpc_health.v1 import health_pb2
 from purerpc.grpclib.status import StatusCode
 
-from jobworker.errors import echo
+from jobworker.errors import RpcError, echo
 from jobworker.server.auth import HEALTH_SERVICE
-from jobworker.server.errors import RpcError
 from jobworker.server.service import Method, SendMessage
 from jobworker.wire.contract import SERVICE_NAME
 

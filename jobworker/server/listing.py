@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from purerpc.grpclib.status import StatusCode
 
 from jobworker.engine import JobRecord, JobStatus
-from jobworker.errors import echo
-from jobworker.server.errors import RpcError
+from jobworker.errors import RpcError, echo
 
 DEFAULT_PAGE_SIZE = 1000  # jobs per page when the request says 0
 MAX_PAGE_SIZE = 10_000  # a larger pageSize is served as this many (not an error)

@@ -30,13 +30,13 @@ from jobworker.cgroups.base import DEFAULT_PIDS_MAX
 from jobworker.cgroups.detect import CgroupsUnavailable
 from jobworker.engine.manager import DEFAULT_MIN_FREE_DISK_BYTES, MIN_FREE_DISK_FRACTION
 from jobworker.engine.store import DataDirUnusable
+from jobworker.errors import unwrap
 from jobworker.launch.isolation import IsolationUnusable, parse_isolation
 from jobworker.launch.users import DEFAULT_UID_RANGE, UsersUnusable, parse_uid_range
 from jobworker.server import config as cfg
 from jobworker.server.app import serve
 from jobworker.server.check import run_check
 from jobworker.server.config import StartupError
-from jobworker.server.errors import unwrap
 from jobworker.server.listener import format_address
 from jobworker.server.logs import LOG_FORMATS, LOG_LEVELS, announce, setup_logging
 from jobworker.server.metrics_http import MetricsListenError

@@ -30,7 +30,6 @@ from jobworker import pki
 from jobworker.api import worker_pb2
 from jobworker.cli import main as cli_main
 from jobworker.client import (
-    ClientSession,
     ConnectError,
     ConnectionLost,
     DeadlineExceeded,
@@ -237,7 +236,7 @@ async def fake_server(
 
 def client_for(
     test_pki: TestPKI, address: str, stem: str = "admin-client", **kwargs: float
-) -> ClientSession:
+) -> contextlib.AbstractAsyncContextManager[JobClient]:
     return open_client(
         address, cert=test_pki.cert(stem), key=test_pki.key(stem), ca=test_pki.ca_cert, **kwargs
     )
@@ -381,6 +380,33 @@ async def test_exiting_the_client_closes_the_socket(test_pki: TestPKI) -> None:
         await wait_for(server.connections[0].eof, "the socket to close")
         with pytest.raises(ConnectionLost):
             await client.get("1")
+
+
+async def test_an_exception_leaving_the_client_block_is_raised_bare(test_pki: TestPKI) -> None:
+    """The block runs inside the connection's nursery, yet its exception is not wrapped in a
+    group, and the connection is closed as on a normal exit."""
+
+    class BodyFailed(Exception):
+        pass
+
+    async with fake_server(test_pki, answer_get) as server:
+        with pytest.raises(BodyFailed) as caught:
+            async with client_for(test_pki, server.address) as client:
+                await client.get("1")
+                raise BodyFailed("from the body")
+        assert type(caught.value) is BodyFailed
+        await wait_for(server.connections[0].eof, "the socket to close")
+
+
+async def test_a_cancelled_client_block_closes_the_connection(test_pki: TestPKI) -> None:
+    async with fake_server(test_pki, stream_forever) as server:
+        with trio.move_on_after(0.2) as scope:
+            async with client_for(test_pki, server.address) as client, client.stream("1") as out:
+                async for _ in out:
+                    pass
+        assert scope.cancelled_caught
+        await wait_for(server.calls[0].reset, "RST_STREAM")
+        await wait_for(server.connections[0].eof, "the socket to close")
 
 
 async def drop_after_two_chunks(conn: FakeConnection, call: ServerCall) -> None:
