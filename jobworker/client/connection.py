@@ -34,7 +34,6 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import trio
-from purerpc.grpclib.buffers import MessageWriteBuffer
 from purerpc.grpclib.config import GRPCConfiguration
 from purerpc.grpclib.events import (
     MessageReceived,
@@ -55,14 +54,12 @@ from jobworker.errors import (
     ServerShuttingDown,
 )
 from jobworker.wire.connection import WireConnection
-from jobworker.wire.contract import DEFAULT_MAX_MESSAGE_BYTES
+from jobworker.wire.core import CLIENT_LIMITS, Outbound, apply_limits, initiate
+from jobworker.wire.trio_io import FlowGates, MessageSender, Writer
 
 log = logging.getLogger(__name__)
 
-# purerpc sizes each stream's receive window at twice the message limit, so it also bounds
-# what one stream can buffer here (8 MiB, not purerpc's 64).
-MAX_MESSAGE_BYTES = DEFAULT_MAX_MESSAGE_BYTES
-RECEIVE_CHUNK_BYTES = 256 * 1024  # one TLS read; several DATA frames at once
+LIMITS = CLIENT_LIMITS  # a stream's receive window holds one maximal message
 GRPC_TIMEOUT_MAX_DIGITS = 8  # the gRPC spec: TimeoutValue is at most 8 digits
 USER_AGENT = "jobworker-client/0.1 purerpc/0.8.0"
 
@@ -90,6 +87,12 @@ class GoAway:
 
 class _ClientProtocol(WireConnection):
     """purerpc's state machine, with the events its client silently drops turned into events."""
+
+    def _set_h2_connection_local_settings(self) -> None:
+        apply_limits(self.h2_connection, LIMITS, client_side=True)
+
+    def initiate_connection(self) -> None:
+        initiate(self.h2_connection, LIMITS)
 
     def _remote_settings_changed(self, event: h2.events.RemoteSettingsChanged) -> list[object]:
         return [SettingsReceived()]
@@ -176,7 +179,6 @@ class Call:
         self._status: Status | None = None
         self._failure: Callable[[], RpcError] | None = None
         self._changed = trio.Event()
-        self._window = trio.Event()
         self._request_ended = False  # our END_STREAM is out: the stream is half-closed (local)
         self._closed = False
 
@@ -187,26 +189,21 @@ class Call:
 
     async def send_request(self, payload: bytes) -> None:
         """Send the one request message and half-close, honouring the peer's flow control."""
-        protocol = self._connection.protocol
-        buffer = MessageWriteBuffer(None, MAX_MESSAGE_BYTES)
-        buffer.write_message(payload, False)
+        connection = self._connection
         try:
-            while buffer:
-                if self.finished:  # the server answered early (error) or the connection died
-                    return
-                window = protocol.flow_control_window(self.stream_id)
-                if window <= 0:
-                    await self._window.wait()
-                    self._window = trio.Event()
-                    continue
-                protocol.send_data(self.stream_id, buffer.data_to_send(min(window, len(buffer))))
-                self._connection.flush()
-            protocol.end_request(self.stream_id)
-            self._request_ended = True
+            sent = await connection.sender.send(
+                self.stream_id,
+                payload,
+                # the server answered early (an error) or the connection died
+                abandoned=lambda: self.finished,
+            )
+            if sent:
+                connection.protocol.end_request(self.stream_id)
+                self._request_ended = True
         except (StreamClosedError, h2.exceptions.StreamClosedError):
             return  # reset by the server meanwhile: receive_message() reports why
         finally:
-            self._connection.flush()
+            connection.flush()
 
     async def receive_message(self) -> bytes | None:
         """The next response message; None once the server ended the call with OK.
@@ -263,11 +260,8 @@ class Call:
     def _fail(self, failure: Callable[[], RpcError]) -> None:
         if not self.finished:
             self._failure = failure
-        self._window.set()
+        self._connection.gates.opened(self.stream_id)
         self._wake()
-
-    def _window_opened(self) -> None:
-        self._window.set()
 
 
 class Connection:
@@ -291,7 +285,12 @@ class Connection:
         self.address = address
         self._client_cert = client_cert
         self.protocol = _ClientProtocol(
-            GRPCConfiguration(client_side=True, max_message_length=MAX_MESSAGE_BYTES)
+            GRPCConfiguration(client_side=True, max_message_length=LIMITS.max_message_bytes)
+        )
+        self.writer = Writer(Outbound(self.protocol.h2_connection, LIMITS), stream.send_all)
+        self.gates = FlowGates()
+        self.sender = MessageSender(
+            self.protocol, self.writer, self.gates, LIMITS.max_message_bytes
         )
         self._calls: dict[int, Call] = {}
         self._ready = trio.Event()
@@ -300,7 +299,6 @@ class Connection:
         self._goaway = False
         self._goaway_last_stream_id = 0
         self.closing_gracefully = False  # the server sent GOAWAY with NO_ERROR
-        self._wake_writer = trio.Event()
         self._closing = False
         self.writer_done = trio.Event()
         self._writer_scope = trio.CancelScope(shield=True)
@@ -341,7 +339,7 @@ class Connection:
 
     def flush(self) -> None:
         """Have the writer send whatever h2 has queued. Sync: safe under cancellation."""
-        self._wake_writer.set()
+        self.writer.kick()
 
     def acknowledge(self, stream_id: int, flow_controlled_length: int) -> None:
         """Give flow-control credit back once a message has been consumed (backpressure)."""
@@ -372,7 +370,7 @@ class Connection:
         for call in list(self._calls.values()):
             call.close()
         self._closing = True
-        self.flush()
+        self.writer.close()
 
     @trio.lowlevel.enable_ki_protection
     async def run_writer(self) -> None:
@@ -384,7 +382,9 @@ class Connection:
         """
         try:
             with self._writer_scope:
-                await self._write_until_closed()
+                await self.writer.run()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._fail_from_transport(exc)
         finally:
             self.writer_done.set()
 
@@ -392,28 +392,13 @@ class Connection:
         """End the writer now, sent or not (after a bounded wait for ``writer_done``)."""
         self._writer_scope.cancel()
 
-    async def _write_until_closed(self) -> None:
-        while True:
-            data = self.protocol.data_to_send()
-            if data:
-                try:
-                    await self.stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    self._fail_from_transport(exc)
-                    return
-            elif self._closing or self._failure is not None:
-                return
-            else:
-                await self._wake_writer.wait()
-                self._wake_writer = trio.Event()
-
     @trio.lowlevel.enable_ki_protection
     async def run_reader(self) -> None:
         """Feed received bytes to h2 and route the events; fail the connection at the end."""
         try:
             while True:
                 try:
-                    data = await self.stream.receive_some(RECEIVE_CHUNK_BYTES)
+                    data = await self.stream.receive_some(LIMITS.receive_chunk)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     self._fail_from_transport(exc)
                     return
@@ -439,13 +424,10 @@ class Connection:
         if isinstance(event, SettingsReceived):
             self._is_up = True
             self._ready.set()
-            self._open_windows()
+            self.gates.open_all()  # the server's initial window may differ from the default
             return
         if isinstance(event, WindowUpdated):
-            if event.stream_id == 0:
-                self._open_windows()
-            elif (call := self._calls.get(event.stream_id)) is not None:
-                call._window_opened()
+            self.gates.opened(event.stream_id)
             return
         if isinstance(event, GoAway):
             self._on_goaway(event)
@@ -467,10 +449,6 @@ class Connection:
             call._fail(functools.partial(_reset_error, event.error_code))
         elif isinstance(event, StreamEnded) and not call.finished:
             call._fail(lambda: RpcError("INTERNAL", "the server ended the call without a status"))
-
-    def _open_windows(self) -> None:
-        for call in self._calls.values():
-            call._window_opened()
 
     def _on_goaway(self, event: GoAway) -> None:
         # Calls the server will still finish keep running; new calls are refused. NO_ERROR
@@ -511,4 +489,5 @@ class Connection:
             call._fail(failure)
         self._calls.clear()
         self._ready.set()
-        self.flush()
+        self.gates.open_all()
+        self.writer.close()  # drain what is queued (if the socket still takes it), then end

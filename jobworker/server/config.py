@@ -10,8 +10,8 @@ from jobworker.cgroups.base import DEFAULT_PIDS_MAX
 from jobworker.cgroups.detect import CgroupMode
 from jobworker.engine.supervision import STOP_GRACE_S
 from jobworker.launch.users import DEFAULT_UID_RANGE
-from jobworker.server.transport import GRPC_MESSAGE_PREFIX
 from jobworker.wire.contract import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_PORT
+from jobworker.wire.core import WireLimits
 from jobworker.wire.keepalive import KeepalivePolicy
 
 
@@ -21,11 +21,12 @@ class StartupError(Exception):
 
 DEFAULT_HANDSHAKE_TIMEOUT_S = 5.0  # a TLS handshake takes ms; this is for slow links, not stalls
 DEFAULT_STOP_GRACE_S = STOP_GRACE_S  # the spec: SIGKILL 100 ms after SIGTERM
-DEFAULT_MAX_CONCURRENT_STREAMS = 100  # per connection; grpc-go's default is 100 too
+DEFAULT_MAX_CONCURRENT_STREAMS = WireLimits.max_concurrent_streams  # per connection
 DEFAULT_MAX_CONNECTIONS = 1000  # well under the default fd limit of 1024 + our own files
 DEFAULT_IDLE_TIMEOUT_S = 300.0  # a connection with no RPC for this long is closed (GOAWAY)
-# The connection window holds this many maximal requests in flight before the client waits.
-CONNECTION_WINDOW_MESSAGES = 2
+# Read at most this much at a time: what a peer makes us owe it (PING and SETTINGS acks) per
+# read stays small before the writer's backpressure is looked at again.
+RECEIVE_CHUNK = 65_536
 
 
 @dataclass(frozen=True)
@@ -38,16 +39,14 @@ class ConnectionLimits:
     keepalive: KeepalivePolicy = field(default_factory=KeepalivePolicy)
 
     @property
-    def stream_window(self) -> int:
-        """Inbound HTTP/2 window per stream: one maximal request fits. A message's bytes are
-        only acknowledged once the whole message is parsed, so a smaller window could never
-        deliver a maximal request."""
-        return self.max_message_bytes + GRPC_MESSAGE_PREFIX
-
-    @property
-    def connection_window(self) -> int:
-        """Inbound window per connection: bounds the request bytes buffered per connection."""
-        return CONNECTION_WINDOW_MESSAGES * self.stream_window
+    def wire(self) -> WireLimits:
+        """The wire core's limits for a connection: one maximal request fits a stream's
+        window, two the connection's."""
+        return WireLimits(
+            max_message_bytes=self.max_message_bytes,
+            max_concurrent_streams=self.max_concurrent_streams,
+            receive_chunk=RECEIVE_CHUNK,
+        )
 
 
 @dataclass(frozen=True)

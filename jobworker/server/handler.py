@@ -98,15 +98,13 @@ class ConnectionHandler:
         sock = ServerSocket(
             self._config,
             peer.stream,
-            max_concurrent_streams=self._limits.max_concurrent_streams,
-            stream_window=self._limits.stream_window,
-            connection_window=self._limits.connection_window,
+            limits=self._limits.wire,
             keepalive=self._limits.keepalive,
         )
         why = "closed"
         try:
             with trio.CancelScope() as connection_scope:
-                async with sock:
+                async with sock.running():
                     try:
                         async with trio.open_nursery() as nursery:
 

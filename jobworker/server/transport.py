@@ -12,9 +12,10 @@ state (h2), gRPC headers and message framing. What changes here, and why:
   5-byte length prefix, so nothing of an oversized message is buffered.
 - RST_STREAM from the client (cancel, deadline) cancels the stream's handler at once
   (stock: ignored).
-- Outbound: a sender waits while more than OUTBOUND_HIGH_WATER bytes are queued for the
-  socket, so a client that advertises a huge window and never reads the socket cannot make
-  the server buffer without bound.
+- Outbound: a sender waits while more than the limits' ``outbound_high_water`` bytes are
+  queued for the socket, so a client that advertises a huge window and never reads the
+  socket cannot make the server buffer without bound (the writer, the flow-control path and
+  the limits are the wire core's, shared with the client: jobworker.wire).
 - A late WINDOW_UPDATE or RST_STREAM for a stream we already finished is ignored, as RFC
   7540 requires (h2 3.2 answered GOAWAY STREAM_CLOSED: every RPC on the connection died).
 - Every stream is forgotten when its handler ends, whatever the client does (stock: kept
@@ -28,7 +29,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-from collections.abc import Callable
+import socket
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
@@ -41,11 +43,8 @@ import trio
 from h2.connection import ConnectionInputs
 from h2.settings import SettingCodes
 from hyperframe.frame import GoAwayFrame
-from purerpc.grpc_proto import GRPCProtoSocket, GRPCProtoStream
-from purerpc.grpc_socket import GRPCStreamState, SocketWrapper
-from purerpc.grpclib.buffers import MessageReadBuffer, MessageWriteBuffer
+from purerpc.grpclib.buffers import MessageReadBuffer
 from purerpc.grpclib.config import GRPCConfiguration
-from purerpc.grpclib.connection import GRPCConnection
 from purerpc.grpclib.events import (
     Event,
     MessageReceived,
@@ -58,20 +57,20 @@ from purerpc.grpclib.exceptions import (
     MessageTooLargeError,
     UnsupportedMessageEncodingError,
 )
-from purerpc.grpclib.status import StatusCode
+from purerpc.grpclib.status import Status, StatusCode
 
 from jobworker.wire.connection import H2Connection, WireConnection
+from jobworker.wire.core import Outbound, WireLimits, apply_limits, initiate
 from jobworker.wire.keepalive import TOO_MANY_PINGS, Keepalive, KeepalivePolicy
+from jobworker.wire.trio_io import FlowGates, MessageSender, Writer
 
 log = logging.getLogger(__name__)
 
-GRPC_MESSAGE_PREFIX = 5  # compressed flag + 4-byte length before every gRPC message
-H2_DEFAULT_WINDOW = 65_535  # RFC 7540: every window starts here until SETTINGS/WINDOW_UPDATE
-MAX_FRAME_SIZE = 16_384  # the RFC default; larger frames only help bulk uploads (we have none)
-MAX_HEADER_LIST_SIZE = 8_192  # our requests carry a path, a few headers, maybe a timeout
-RECEIVE_CHUNK = 65_536  # bytes read from the socket at a time
-OUTBOUND_HIGH_WATER = 256 * 1024  # queued-for-socket bytes above which senders wait
-WRITE_CHUNK = 256 * 1024  # at most this much handed to one socket send
+# Dead-peer detection below gRPC's keepalive: the kernel's, for a peer that vanished while
+# we had nothing to send.
+TCP_KEEPIDLE_S = 300
+TCP_KEEPINTVL_S = 30
+TCP_KEEPCNT = 5
 
 
 class BadRequestMessage(Event):  # type: ignore[misc]
@@ -199,41 +198,26 @@ class ServerGRPCConnection(WireConnection):
     message_read_buffers: dict[int, Any]
     keepalive: Keepalive  # the connection's, set by ServerSocket
 
-    def __init__(
-        self,
-        config: GRPCConfiguration,
-        *,
-        max_concurrent_streams: int,
-        stream_window: int,
-        connection_window: int,
-    ) -> None:
-        self._max_concurrent_streams = max_concurrent_streams
-        self._stream_window = stream_window
-        self._connection_window = connection_window
+    def __init__(self, config: GRPCConfiguration, limits: WireLimits) -> None:
+        self.limits = limits
         super().__init__(config)
         # Replace purerpc's plain H2Connection by ours (same configuration).
         self.h2_connection = _H2Connection(self.h2_connection.config)
-        self.h2_connection.stream_limit = max_concurrent_streams
+        self.h2_connection.stream_limit = limits.max_concurrent_streams
         self.h2_connection.clear_outbound_data_buffer()
         self._set_h2_connection_local_settings()
 
     def _set_h2_connection_local_settings(self) -> None:
-        self.h2_connection.local_settings = h2.settings.Settings(
-            client=False,
-            initial_values={
-                SettingCodes.MAX_CONCURRENT_STREAMS: self._max_concurrent_streams,
-                SettingCodes.INITIAL_WINDOW_SIZE: self._stream_window,
-                SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
-                SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_SIZE,
-            },
-        )
-        self.h2_connection.max_inbound_frame_size = MAX_FRAME_SIZE
+        limits = getattr(self, "limits", None)
+        if limits is not None:  # purerpc's constructor calls this before ours has run
+            apply_limits(self.h2_connection, limits, client_side=False)
 
     def initiate_connection(self) -> None:
-        self.h2_connection.initiate_connection()
-        extra = self._connection_window - H2_DEFAULT_WINDOW
-        if extra > 0:
-            self.h2_connection.increment_flow_control_window(extra)
+        initiate(self.h2_connection, self.limits)
+
+    def _remote_settings_changed(self, event: h2.events.RemoteSettingsChanged) -> list[Event]:
+        # A new initial window size changes every stream's window: blocked senders look again.
+        return [WindowUpdated(0, 0)]
 
     def _data_received(self, event: h2.events.DataReceived) -> list[Event]:
         buffer = self.message_read_buffers.get(event.stream_id)
@@ -279,60 +263,26 @@ class ServerGRPCConnection(WireConnection):
         return [PeerGoAway()]
 
 
-class ServerSocketWrapper(SocketWrapper):  # type: ignore[misc]
-    """purerpc's socket writer, plus a measure of bytes queued for the socket and a way to
-    wait until it drops (backpressure for senders)."""
+class ServerStream:
+    """One RPC's HTTP/2 stream, as its handler sees it: the request's events in order, the
+    response sent through the connection's flow control and writer, and the handler's
+    cancel scope, cancelled on the client's reset."""
 
-    _flush_event: anyio.Event
-    _stream: anyio.abc.ByteStream
-
-    def __init__(self, grpc_connection: GRPCConnection, stream: anyio.abc.ByteStream) -> None:
-        super().__init__(grpc_connection, stream)
-        self._in_flight = 0
-        self._progress = anyio.Event()
-
-    def kick(self) -> None:
-        """Wake the writer (sync: usable from cleanup code that must not checkpoint)."""
-        self._flush_event.set()
-
-    def pending(self) -> int:
-        """Bytes produced by h2 and not yet accepted by the kernel."""
-        return len(self._grpc_connection.h2_connection._data_to_send) + self._in_flight
-
-    async def wait_writable(self, high_water: int = OUTBOUND_HIGH_WATER) -> None:
-        """Return once fewer than ``high_water`` bytes are queued. Cancellable."""
-        while self.pending() >= high_water:
-            progress = self._progress
-            await progress.wait()
-
-    async def _writer_thread(self) -> None:
-        while True:
-            data = self._grpc_connection.data_to_send(WRITE_CHUNK)
-            if data:
-                self._in_flight = len(data)
-                try:
-                    await self._stream.send(data)
-                finally:
-                    self._in_flight = 0
-                    self._progress.set()
-                    self._progress = anyio.Event()
-            elif self._running:
-                await self._flush_event.wait()
-                self._flush_event = anyio.Event()
-            else:
-                return
-
-
-class ServerStream(GRPCProtoStream):  # type: ignore[misc]
-    """One RPC's HTTP/2 stream: its handler's cancel scope, cancelled on the client's reset."""
-
-    _state: GRPCStreamState
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, socket: ServerSocket, stream_id: int) -> None:
+        self._socket = socket
+        self._connection = socket.connection
+        self.stream_id = stream_id
         self.cancel_scope: trio.CancelScope | None = None
         self.reset_by_peer = False
         self.closing = False  # set when the server cancels it for shutdown / idle close
+        self.response_started = False
+        self.remotely_closed = False  # the client ended its requests (END_STREAM)
+        self.locally_closed = False  # our trailers are queued
+        # Bounded by flow control: only MessageReceived carries data, and its window is
+        # given back only when the handler takes it.
+        self._events: collections.deque[Event] = collections.deque()
+        self._arrived = trio.Event()
+        self._discarded = False
 
     def cancel(self, *, reset_by_peer: bool = False, closing: bool = False) -> None:
         """Cancel the handler (if running). Safe to call any number of times."""
@@ -340,26 +290,6 @@ class ServerStream(GRPCProtoStream):  # type: ignore[misc]
         self.closing = self.closing or closing
         if self.cancel_scope is not None:
             self.cancel_scope.cancel()
-
-    @property
-    def response_started(self) -> bool:
-        return bool(self._response_started)
-
-    @property
-    def locally_closed(self) -> bool:
-        return self._state in (GRPCStreamState.HALF_CLOSED_LOCAL, GRPCStreamState.CLOSED)
-
-    def _close_remote(self) -> None:
-        if self._state == GRPCStreamState.OPEN:
-            self._state = GRPCStreamState.HALF_CLOSED_REMOTE
-        elif self._state == GRPCStreamState.HALF_CLOSED_LOCAL:
-            self._state = GRPCStreamState.CLOSED
-
-    def _close_local(self) -> None:
-        if self._state == GRPCStreamState.OPEN:
-            self._state = GRPCStreamState.HALF_CLOSED_LOCAL
-        elif self._state == GRPCStreamState.HALF_CLOSED_REMOTE:
-            self._state = GRPCStreamState.CLOSED
 
     async def next_event(self) -> Event:
         """The next event of this stream (RequestReceived, MessageReceived with raw bytes,
@@ -369,31 +299,45 @@ class ServerStream(GRPCProtoStream):  # type: ignore[misc]
         An event already queued is taken without a checkpoint: a unary RPC reads three
         (request headers, message, end) queued together, and each checkpoint is a scheduler
         round with an epoll_wait. The handler's later awaits (the send) still checkpoint."""
-        receive = self._incoming_events[1]
-        try:
-            event: Event = receive.receive_nowait()
-        except anyio.WouldBlock:
-            event = await receive.receive()
+        while not self._events:
+            await self._arrived.wait()
+            self._arrived = trio.Event()
+        event = self._events.popleft()
         if isinstance(event, MessageReceived):
-            self._grpc_connection.acknowledge_received_data(
-                self._stream_id, event.flow_controlled_length
-            )
-            await self._socket.flush()
+            self._connection.acknowledge_received_data(self.stream_id, event.flow_controlled_length)
+            self._socket.writer.kick()
         return event
 
-    async def send_message(self, message: Any) -> None:
-        # GRPCProtoStream.send_message calls GRPCStream._send through super(), which would
-        # skip our _send: serialize here instead.
-        await self._send(message.SerializeToString())
-
-    async def start_response(
-        self, content_type_suffix: str = "", custom_metadata: Any = ()
-    ) -> None:
+    async def start_response(self) -> None:
+        """Send the response headers."""
         try:
-            await super().start_response(content_type_suffix, custom_metadata)
+            self._connection.start_response(self.stream_id)
         except h2.exceptions.StreamClosedError:
             await self._gone()
-        self._grpc_connection.keepalive.sent_headers_or_data()
+        self.response_started = True
+        self._connection.keepalive.sent_headers_or_data()
+        self._socket.writer.kick()
+
+    async def send_message(self, message: Any) -> None:
+        """Send one message, waiting on HTTP/2 flow control and on the socket (a bounded
+        amount queued per connection): a slow reader holds one message, not the server."""
+        try:
+            await self._socket.sender.send(self.stream_id, message.SerializeToString())
+        except h2.exceptions.StreamClosedError:
+            await self._gone()
+        self._connection.keepalive.sent_headers_or_data()
+
+    async def close(self, status: Status) -> None:
+        """End the response with ``status`` (trailers, or a trailers-only response)."""
+        if self.locally_closed:
+            return
+        self.locally_closed = True
+        if self.response_started:
+            self._connection.end_response(self.stream_id, status)
+        else:
+            self._connection.respond_status(self.stream_id, status)
+        self._socket.writer.kick()
+        await trio.lowlevel.checkpoint()
 
     async def _gone(self) -> None:
         """The client reset the stream and h2 knew before our event loop did: end the handler
@@ -402,83 +346,55 @@ class ServerStream(GRPCProtoStream):  # type: ignore[misc]
         await trio.lowlevel.checkpoint()
         raise RuntimeError("stream reset by the client outside of its handler")  # unreachable
 
-    async def _send(self, message: bytes, compress: bool = False) -> None:
-        """Send one message, waiting on HTTP/2 flow control and on the socket (at most
-        OUTBOUND_HIGH_WATER bytes queued per connection): a slow reader holds one message."""
-        buffer = MessageWriteBuffer(
-            self._grpc_connection.config.message_encoding,
-            self._grpc_connection.config.max_message_length,
-        )
-        buffer.write_message(message, compress)
-        while buffer:
-            await self._socket.wait_writable()
-            try:
-                window = self._grpc_connection.flow_control_window(self._stream_id)
-                if window > 0:
-                    data = buffer.data_to_send(min(window, len(buffer)))
-                    self._grpc_connection.send_data(self._stream_id, data)
-                    self._grpc_connection.keepalive.sent_headers_or_data()
-            except h2.exceptions.StreamClosedError:
-                await self._gone()
-            if window <= 0:
-                await self._wait_flow_control_update()
-                continue
-            await self._socket.flush()
-
     def feed(self, event: Event) -> None:
-        """Queue an event for the handler (the queue is bounded by flow control: only
-        MessageReceived carries data, and its window is returned only when consumed)."""
-        self._incoming_events[0].send_nowait(event)
+        """Queue an event for the handler."""
+        if self._discarded:
+            self._give_back(event)
+            return
+        self._events.append(event)
+        self._arrived.set()
 
     def discard(self) -> None:
-        """Drop whatever the handler did not consume and close the queue."""
-        send, receive = self._incoming_events
-        send.close()
-        while True:
-            try:
-                event = receive.receive_nowait()
-            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
-                break
-            if isinstance(event, MessageReceived):
-                self._grpc_connection.acknowledge_received_data(
-                    self._stream_id, event.flow_controlled_length
-                )
-        receive.close()
+        """Drop whatever the handler did not consume; later events are dropped too."""
+        self._discarded = True
+        while self._events:
+            self._give_back(self._events.popleft())
+
+    def _give_back(self, event: Event) -> None:
+        if isinstance(event, MessageReceived):
+            self._connection.acknowledge_received_data(self.stream_id, event.flow_controlled_length)
 
 
-class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
+class ServerSocket:
     """The server side of one gRPC connection: reads frames and feeds streams.
 
     ``run(spawn)`` reads until the peer closes, sends GOAWAY, or breaks the protocol, and
-    calls ``spawn(stream)`` for each new RPC. Enter it (``async with``) inside the task that
-    owns the handlers: its writer task lives in that scope, so a failed write cancels them.
+    calls ``spawn(stream)`` for each new RPC. Run it inside ``async with running()``, in
+    the task that owns the handlers: the writer task lives in that block, so a failed
+    write cancels them, and leaving the block sends what is still queued.
     """
-
-    StreamClass = ServerStream
 
     def __init__(
         self,
         config: GRPCConfiguration,
         sock: anyio.abc.ByteStream,
         *,
-        max_concurrent_streams: int,
-        stream_window: int,
-        connection_window: int,
+        limits: WireLimits,
         keepalive: KeepalivePolicy | None = None,
     ) -> None:
-        super().__init__(config, sock)
-        self._grpc_connection = ServerGRPCConnection(
-            config,
-            max_concurrent_streams=max_concurrent_streams,
-            stream_window=stream_window,
-            connection_window=connection_window,
+        self._sock = sock
+        self._limits = limits
+        self.connection = ServerGRPCConnection(config, limits)
+        self.writer = Writer(Outbound(self.connection.h2_connection, limits), sock.send)
+        self.gates = FlowGates()
+        self.sender = MessageSender(
+            self.connection, self.writer, self.gates, limits.max_message_bytes
         )
         self.keepalive = Keepalive(keepalive or KeepalivePolicy(), trio.current_time())
-        self._grpc_connection.keepalive = self.keepalive
-        self._grpc_connection.h2_connection.on_ping = self._on_ping
+        self.connection.keepalive = self.keepalive
+        self.connection.h2_connection.on_ping = self._on_ping
         self._ping_acked = trio.Event()
         self.too_many_pings = False
-        self._socket = ServerSocketWrapper(self._grpc_connection, sock)
         self._streams: dict[int, ServerStream] = {}
         self.last_activity = trio.current_time()  # last RPC start or end (pings do not count)
         self.goaway_sent = False
@@ -491,19 +407,34 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
     def streams(self) -> dict[int, ServerStream]:
         return self._streams
 
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """The connection's writer, for the duration of the block: our SETTINGS go out at
+        once; leaving the block normally sends what is queued (trailers, GOAWAY) first."""
+        _set_socket_options(self._sock)
+        self.connection.initiate_connection()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.writer.run)
+            try:
+                yield
+            finally:
+                self.writer.close()
+
     async def run(self, spawn: Callable[[ServerStream], None]) -> str:
         """Read and dispatch until the connection ends; return why, for the log.
 
         Raises nothing for a peer that vanished or spoke bad HTTP/2 (returns the reason).
         """
-        connection = self._grpc_connection
+        connection = self.connection
+        writer = self.writer
+        receive_chunk = self._limits.receive_chunk
         while True:
             # What we owe the peer (PING and SETTINGS acks, resets) grows with what it sends:
             # a peer that never reads must not make that queue grow without bound. Stop reading
             # until it drains (the peer then blocks on TCP: backpressure).
-            await self._socket.wait_writable()
+            await writer.wait_writable()
             try:
-                data = await self._socket.recv(RECEIVE_CHUNK)
+                data = await self._sock.receive(receive_chunk)
             except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
                 return "closed by peer"
             except OSError as exc:
@@ -515,7 +446,7 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
                 events = connection.receive_data(data)
             except h2.exceptions.ProtocolError as exc:
                 # h2 has already queued a GOAWAY with the right error code.
-                await self._socket.flush()
+                writer.kick()
                 self.protocol_error = True
                 return f"HTTP/2 protocol error ({exc.__class__.__name__})"
             except (GRPCError, KeyError, ValueError, UnicodeError) as exc:
@@ -525,7 +456,7 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
                     connection.h2_connection.close_connection(
                         error_code=h2.errors.ErrorCodes.PROTOCOL_ERROR
                     )
-                await self._socket.flush()
+                writer.kick()
                 self.protocol_error = True
                 return f"malformed gRPC request ({exc.__class__.__name__})"
             if self.too_many_pings:
@@ -534,10 +465,10 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
                         error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
                         additional_data=TOO_MANY_PINGS,
                     )
-                await self._socket.flush()
+                writer.kick()
                 self.protocol_error = True
                 return "too many pings"
-            await self._socket.flush()
+            writer.kick()
             for event in events:
                 # PeerGoAway: the client opens no new stream; running ones go on. Ignored.
                 self._dispatch(event, spawn)
@@ -552,30 +483,24 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
     def send_keepalive_ping(self) -> trio.Event:
         """Queue a PING for a quiet peer; the returned event is set when it is answered."""
         self._ping_acked = trio.Event()
-        self._grpc_connection.h2_connection.ping(self.keepalive.ping_sent(trio.current_time()))
-        self._socket.kick()
+        self.connection.h2_connection.ping(self.keepalive.ping_sent(trio.current_time()))
+        self.writer.kick()
         return self._ping_acked
 
     def _dispatch(self, event: Event, spawn: Callable[[ServerStream], None]) -> None:
         if isinstance(event, WindowUpdated):
-            targets = (
-                list(self._streams.values())
-                if event.stream_id == 0
-                else [s for s in (self._streams.get(event.stream_id),) if s is not None]
-            )
-            for stream in targets:
-                stream._flow_control_update_event.set()
+            self.gates.opened(event.stream_id)
             return
         stream_id = getattr(event, "stream_id", None)
         if isinstance(event, RequestReceived):
             if self.goaway_sent:  # a stream opened after our GOAWAY: not served (RFC 7540 6.8)
-                self._grpc_connection.message_read_buffers.pop(event.stream_id, None)
+                self.connection.message_read_buffers.pop(event.stream_id, None)
                 with contextlib.suppress(h2.exceptions.H2Error):
-                    self._grpc_connection.h2_connection.reset_stream(
+                    self.connection.h2_connection.reset_stream(
                         event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM
                     )
                 return
-            stream = self._stream_ctor(event.stream_id)
+            stream = ServerStream(self, event.stream_id)
             self._streams[event.stream_id] = stream
             self.last_activity = trio.current_time()
             if self._no_streams.is_set():
@@ -587,7 +512,7 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
         if target is None:
             # The handler already finished: give back the window of late data, drop the rest.
             if isinstance(event, MessageReceived):
-                self._grpc_connection.acknowledge_received_data(
+                self.connection.acknowledge_received_data(
                     event.stream_id, event.flow_controlled_length
                 )
             return
@@ -595,18 +520,19 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
             target.cancel(reset_by_peer=True)
             return
         if isinstance(event, RequestEnded):
-            target._close_remote()
+            target.remotely_closed = True
         target.feed(event)
 
     def forget(self, stream: ServerStream) -> None:
         """Release everything held for ``stream``; reset it if the client may still send."""
         self._streams.pop(stream.stream_id, None)
-        self._grpc_connection.message_read_buffers.pop(stream.stream_id, None)
+        self.connection.message_read_buffers.pop(stream.stream_id, None)
+        self.gates.opened(stream.stream_id)
         self.last_activity = trio.current_time()
         if not self._streams:
             self._no_streams.set()
         stream.discard()
-        h2_stream = self._grpc_connection.h2_connection.streams.get(stream.stream_id)
+        h2_stream = self.connection.h2_connection.streams.get(stream.stream_id)
         if h2_stream is not None and h2_stream.open:
             # We are done, the client is not: tell it to stop sending (grpc servers do the
             # same). NO_ERROR after a complete response, CANCEL otherwise.
@@ -616,8 +542,8 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
                 else h2.errors.ErrorCodes.CANCEL
             )
             with contextlib.suppress(h2.exceptions.H2Error):
-                self._grpc_connection.h2_connection.reset_stream(stream.stream_id, code)
-            self._socket.kick()
+                self.connection.h2_connection.reset_stream(stream.stream_id, code)
+            self.writer.kick()
 
     async def wait_no_streams(self) -> None:
         """Return once no RPC is running on this connection."""
@@ -630,5 +556,19 @@ class ServerSocket(GRPCProtoSocket):  # type: ignore[misc]
         if self.goaway_sent:
             return
         self.goaway_sent = True
-        self._grpc_connection.h2_connection.announce_goaway()
-        await self._socket.flush()
+        self.connection.h2_connection.announce_goaway()
+        self.writer.kick()
+        await trio.lowlevel.checkpoint()
+
+
+def _set_socket_options(stream: anyio.abc.ByteStream) -> None:
+    """No Nagle (a response's frames go out at once), and TCP keepalive."""
+    sock = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)  # noqa: S610 (anyio)
+    if sock is None:  # not a socket (in-process tests)
+        return
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    with contextlib.suppress(AttributeError, OSError):  # Linux names
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, TCP_KEEPIDLE_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, TCP_KEEPINTVL_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, TCP_KEEPCNT)

@@ -4,6 +4,7 @@ is not known reads -1 on the wire."""
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -41,7 +42,9 @@ def test_stop_of_a_job_in_throttled_io_returns_at_once(
     with channel:
         args = ["if=/dev/zero", "of=f", "bs=64k", "count=1", "oflag=direct"]
         # The job's own start-up runs under its 1 KiB/s IO limit (placed first, then
-        # isolated and exec'd): seen taking 12 s once on a loaded machine.
+        # isolated and exec'd): whatever of dd is not in the page cache is read at that
+        # rate, which took over 30 s on a fresh machine. Read it in on the host first.
+        subprocess.run(["dd", "--version"], check=True, capture_output=True)
         job = stub.CreateJob(
             worker_pb2.CreateJobReq(command="dd", args=args, maxIOBPS=1024), timeout=60
         )
