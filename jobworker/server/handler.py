@@ -23,7 +23,7 @@ import h2.exceptions
 import trio
 from google.protobuf.message import DecodeError, Message
 from purerpc.grpclib.config import GRPCConfiguration
-from purerpc.grpclib.events import MessageReceived, RequestEnded, RequestReceived
+from purerpc.grpclib.events import Event, MessageReceived, RequestEnded, RequestReceived
 from purerpc.grpclib.status import Status, StatusCode
 
 from jobworker import logtext
@@ -204,21 +204,21 @@ class ConnectionHandler:
             call.method = first.method_name
             call.service = first.service_name
             status: Status | None = None
-            with trio.CancelScope() as rpc_scope:
+            timeout = first.timeout.total_seconds() if first.timeout is not None else math.inf
+            # One scope for the client's deadline, its reset and our closing: what cancelled
+            # it is told apart afterwards (a reset or a close says so on the stream).
+            with trio.CancelScope(deadline=started + max(timeout, 0.0)) as rpc_scope:
                 stream.cancel_scope = rpc_scope
                 if stream.reset_by_peer or stream.closing:  # happened before we got here
                     rpc_scope.cancel()
-                timeout = first.timeout.total_seconds() if first.timeout is not None else math.inf
-                with trio.move_on_after(max(timeout, 0.0)) as deadline_scope:
-                    status = await self._call(stream, first, identity, call)
-            if deadline_scope.cancelled_caught:
-                status = Status(StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
-            elif rpc_scope.cancelled_caught:
-                status = (
-                    Status(StatusCode.CANCELLED, "cancelled by the client")
-                    if stream.reset_by_peer
-                    else Status(StatusCode.UNAVAILABLE, _closing_message(sock))
-                )
+                status = await self._call(stream, first, identity, call)
+            if rpc_scope.cancelled_caught:
+                if stream.reset_by_peer:
+                    status = Status(StatusCode.CANCELLED, "cancelled by the client")
+                elif stream.closing:
+                    status = Status(StatusCode.UNAVAILABLE, _closing_message(sock))
+                else:
+                    status = Status(StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
             assert status is not None
             call.code = status.status_code
             if not stream.reset_by_peer and not stream.locally_closed:
@@ -286,27 +286,29 @@ class ConnectionHandler:
         Each wait is bounded by the idle timeout: a client that opens a stream and never
         finishes its request would otherwise hold the handler, and its connection, forever."""
         ended = False
+        idle = self._limits.idle_timeout
+
+        async def next_event() -> Event:
+            if stream.has_event():  # a unary request arrives whole: no wait, no scope
+                return await stream.next_event()
+            with trio.move_on_after(idle):
+                return await stream.next_event()
+            raise RpcError(StatusCode.DEADLINE_EXCEEDED, f"request not received within {idle:g}s")
 
         async def receive() -> Message | None:
             nonlocal ended
             if ended:
                 return None
             data: bytes | None = None
-            with trio.move_on_after(self._limits.idle_timeout) as request_scope:
-                while data is None:
-                    event = await stream.next_event()
-                    if isinstance(event, BadRequestMessage):
-                        raise RpcError(event.code, event.message)
-                    if isinstance(event, MessageReceived):
-                        data = event.data
-                    elif isinstance(event, RequestEnded):
-                        ended = True
-                        return None
-            if request_scope.cancelled_caught:
-                raise RpcError(
-                    StatusCode.DEADLINE_EXCEEDED,
-                    f"request not received within {self._limits.idle_timeout:g}s",
-                )
+            while data is None:
+                event = await next_event()
+                if isinstance(event, BadRequestMessage):
+                    raise RpcError(event.code, event.message)
+                if isinstance(event, MessageReceived):
+                    data = event.data
+                elif isinstance(event, RequestEnded):
+                    ended = True
+                    return None
             try:
                 return request_type.FromString(data)
             except DecodeError:

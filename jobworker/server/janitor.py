@@ -57,7 +57,7 @@ class MemoryJanitor:
         self._dirty = True
 
     def collect(self) -> None:
-        """One collection and trim, now (blocks the event loop for a few ms)."""
+        """One collection and trim, now, on the calling thread."""
         gc.collect()
         if self._trim is not None:
             self._trim(0)
@@ -69,4 +69,9 @@ class MemoryJanitor:
             await trio.sleep(self._period)
             if self._dirty:
                 self._dirty = False
-                self.collect()
+                gc.collect()
+                self.runs += 1
+                if self._trim is not None:
+                    # Walking a large heap takes tens of ms: off the event loop (ctypes lets
+                    # go of the GIL for the call).
+                    await trio.to_thread.run_sync(self._trim, 0)

@@ -41,6 +41,16 @@ class OneLineFormatter(logging.Formatter):
             "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s %(message)s",
             datefmt="%Y-%m-%dT%H:%M:%S",
         )
+        self._stamp: tuple[int, str] = (-1, "")  # one tuple: records come from threads too
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        # One strftime per second, not per record: an audit line is written for every RPC.
+        second = int(record.created)
+        cached_second, stamp = self._stamp
+        if second != cached_second:
+            stamp = super().formatTime(record, datefmt)
+            self._stamp = (second, stamp)
+        return stamp
 
     def formatException(self, ei: ExcInfo) -> str:
         return " | ".join(super().formatException(ei).splitlines())
@@ -101,6 +111,12 @@ def setup_logging(level: str, log_format: LogFormat = "text") -> None:
         old.close()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # No format of ours shows the caller's file and line, thread or process: skip finding
+    # them for every record (logging's documented optimisations; an audit line per RPC).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLevelName(level)))
     _handler = handler

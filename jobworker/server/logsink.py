@@ -23,6 +23,9 @@ import time
 
 LOG_BUFFER_BYTES = 256 * 1024  # lines waiting for a slow sink (a few thousand); beyond: dropped
 FLUSH_TIMEOUT_S = 2.0  # at exit, a stuck sink may hold up the process only this long
+# Once woken, the writer lets lines gather this long before it writes them: one wakeup (and one
+# handover of the GIL) per batch instead of per line, at a cost in latency nobody reads logs at.
+BATCH_S = 0.005
 _WRITE_WAIT_S = 1.0  # an fd someone else made non-blocking: wait for room this long per try
 DROPPED_MESSAGE = "%d log lines dropped"
 
@@ -79,7 +82,9 @@ class NonBlockingHandler(logging.Handler):
             self._report_dropped_locked()
             self._buffer.append(data)
             self._buffered += len(data)
-            self._cond.notify_all()
+            if not self._writing:  # the writer is parked (or about to look): wake it once
+                self._writing = True
+                self._cond.notify_all()
 
     def _report_dropped_locked(self) -> None:
         """Queue the ``N log lines dropped`` line (beyond the bound: it is one line)."""
@@ -111,6 +116,8 @@ class NonBlockingHandler(logging.Handler):
                     self._cond.notify_all()
                     self._cond.wait()
                 self._writing = True
+            time.sleep(BATCH_S)
+            with self._cond:
                 chunk = b"".join(self._buffer)
                 self._buffer.clear()
                 self._buffered = 0

@@ -291,6 +291,10 @@ class ServerStream:
         if self.cancel_scope is not None:
             self.cancel_scope.cancel()
 
+    def has_event(self) -> bool:
+        """Whether an event is queued (``next_event`` would return it at once)."""
+        return bool(self._events)
+
     async def next_event(self) -> Event:
         """The next event of this stream (RequestReceived, MessageReceived with raw bytes,
         RequestEnded, BadRequestMessage). A received message's window is handed back here,

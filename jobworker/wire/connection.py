@@ -9,28 +9,76 @@ both sides at once, what purerpc and h2 get wrong on the wire:
 - a GOAWAY received: h2 3.2 closes the whole connection state machine on it, so the frames
   that still belong to streams the GOAWAY let finish (a graceful shutdown's final trailers)
   become protocol errors. RFC 7540 6.8 lets those streams complete; here they do.
+
+And it sends the header blocks every RPC repeats (the response headers, the OK trailers)
+from a block encoded once: static-table indices and never-indexed literals only, so the
+block is valid whatever state the connection's HPACK encoder is in, and it skips h2's
+per-call normalising, validating and encoding of the same few headers.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import h2.connection
 import h2.events
 from h2.errors import ErrorCodes
+from hpack import Encoder, NeverIndexedHeaderTuple
 from purerpc.grpclib.connection import GRPCConnection
 from purerpc.grpclib.events import ResponseEnded
 from purerpc.grpclib.headers import sanitize_headers
-from purerpc.grpclib.status import Status
+from purerpc.grpclib.status import Status, StatusCode
 
 from jobworker.wire.status import decode_grpc_message, encode_grpc_message
 
-__all__ = ["H2Connection", "WireConnection"]
+__all__ = ["H2Connection", "PrecomputedHeaders", "WireConnection"]
+
+
+class _BlockEncoder:
+    """Stands in for h2's HPACK encoder for one header list: its block, encoded once."""
+
+    def __init__(self, block: bytes) -> None:
+        self._block = block
+
+    def encode(self, headers: object, huffman: bool = True) -> bytes:
+        # ``headers`` is h2's lazy normalising and validating pipeline: never iterated, so
+        # none of it runs (the list was checked once, when it was encoded).
+        return self._block
+
+
+class PrecomputedHeaders(list[tuple[str, str]]):
+    """A header list that every call sends the same, with its HPACK block encoded once.
+
+    The block uses only the static table and literals that are never indexed, so it changes
+    no decoder's dynamic table and is correct after whatever the connection sent before.
+    """
+
+    def __init__(self, headers: Iterable[tuple[str, str]]) -> None:
+        super().__init__(headers)
+        never_indexed = [NeverIndexedHeaderTuple(name, value) for name, value in self]
+        self.encoder = _BlockEncoder(Encoder().encode(never_indexed))
 
 
 class H2Connection(h2.connection.H2Connection):  # type: ignore[misc]  # h2 3.2 is untyped
-    """h2's connection, except that a GOAWAY received leaves the streams it spares usable."""
+    """h2's connection, except that a GOAWAY received leaves the streams it spares usable,
+    and that PrecomputedHeaders go out as their ready-made block."""
+
+    encoder: Any  # hpack's Encoder (untyped)
+
+    def send_headers(
+        self, stream_id: int, headers: Any, end_stream: bool = False, **priority: Any
+    ) -> None:
+        # A pending table size change must open the next block: the real encoder writes it.
+        if isinstance(headers, PrecomputedHeaders) and not self.encoder.header_table.resized:
+            encoder, self.encoder = self.encoder, headers.encoder
+            try:
+                super().send_headers(stream_id, headers, end_stream, **priority)
+            finally:
+                self.encoder = encoder
+            return
+        super().send_headers(stream_id, headers, end_stream, **priority)
 
     def _receive_goaway_frame(self, frame: Any) -> Any:
         event = h2.events.ConnectionTerminated()
@@ -55,7 +103,19 @@ class WireConnection(GRPCConnection):  # type: ignore[misc]  # purerpc is untype
         self.h2_connection.clear_outbound_data_buffer()
         self._set_h2_connection_local_settings()
 
-    # -- sending: the status trailers -------------------------------------------------------
+    # -- sending: the response headers and the status trailers -----------------------------
+
+    def start_response(
+        self, stream_id: int, content_type_suffix: str = "", custom_metadata: Any = ()
+    ) -> None:
+        """The response headers; the common ones from a block encoded once."""
+        if content_type_suffix or custom_metadata:
+            super().start_response(stream_id, content_type_suffix, custom_metadata)
+            return
+        headers = _response_headers(
+            self.config._message_encoding, self.config._message_accept_encoding
+        )
+        self.h2_connection.send_headers(stream_id, headers, end_stream=False)
 
     def respond_status(
         self,
@@ -77,6 +137,13 @@ class WireConnection(GRPCConnection):  # type: ignore[misc]  # purerpc is untype
         self, stream_id: int, status: Status, custom_metadata: Iterable[tuple[str, Any]] = ()
     ) -> None:
         """The trailers that end a response after its messages."""
+        if (
+            status.status_code == StatusCode.OK
+            and not status.status_message
+            and not custom_metadata
+        ):
+            self.h2_connection.send_headers(stream_id, OK_TRAILERS, end_stream=True)
+            return
         trailers = [*_status_trailers(status), *sanitize_headers(custom_metadata)]
         self.h2_connection.send_headers(stream_id, trailers, end_stream=True)
 
@@ -87,6 +154,20 @@ class WireConnection(GRPCConnection):  # type: ignore[misc]  # purerpc is untype
 
     def _trailers_received(self, event: h2.events.TrailersReceived) -> list[Any]:
         return _with_decoded_status(super()._trailers_received(event), event.headers)
+
+
+OK_TRAILERS = PrecomputedHeaders([("grpc-status", "0")])
+
+
+@functools.cache
+def _response_headers(encoding: str | None, accept_encoding: str | None) -> PrecomputedHeaders:
+    """The headers purerpc's start_response sends for these encodings, ready-made."""
+    headers = [(":status", "200"), ("content-type", "application/grpc")]
+    if encoding is not None:
+        headers.append(("grpc-encoding", encoding))
+    if accept_encoding is not None:
+        headers.append(("grpc-accept-encoding", accept_encoding))
+    return PrecomputedHeaders(headers)
 
 
 def _status_trailers(status: Status) -> list[tuple[str, str]]:

@@ -21,12 +21,13 @@ The thin Trio I/O that drives it is :mod:`jobworker.wire.trio_io`.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import Any
 
 import h2.settings
 from h2.settings import SettingCodes
-from purerpc.grpclib.buffers import MessageWriteBuffer
+from purerpc.grpclib.exceptions import MessageTooLargeError
 
 from jobworker.wire.contract import DEFAULT_MAX_MESSAGE_BYTES
 
@@ -35,6 +36,7 @@ __all__ = [
     "GRPC_MESSAGE_PREFIX",
     "H2_DEFAULT_WINDOW",
     "Outbound",
+    "OutgoingMessage",
     "WireLimits",
     "apply_limits",
     "initiate",
@@ -122,10 +124,16 @@ class Outbound:
         """Whether a sender may queue more (fewer than ``outbound_high_water`` bytes wait)."""
         return self.pending() < self._limits.outbound_high_water
 
-    def take(self) -> bytes:
+    def take(self) -> bytes | bytearray:
         """The next bytes for the socket (empty if none); they count as pending until
-        :meth:`sent`."""
-        data: bytes = self._h2.data_to_send(self._limits.write_chunk)
+        :meth:`sent`. Usually all that is queued, handed over as it is, without a copy."""
+        h2_connection = self._h2
+        queued: bytearray = h2_connection._data_to_send
+        if len(queued) <= self._limits.write_chunk:
+            h2_connection._data_to_send = bytearray()
+            data: bytes | bytearray = queued
+        else:
+            data = h2_connection.data_to_send(self._limits.write_chunk)
         self._in_flight = len(data)
         return data
 
@@ -134,8 +142,41 @@ class Outbound:
         self._in_flight = 0
 
 
-def send_step(connection: Any, stream_id: int, buffer: MessageWriteBuffer) -> bool:
-    """Hand h2 as much of ``buffer`` as ``stream_id``'s flow-control window allows.
+class OutgoingMessage:
+    """One gRPC message on its way out, uncompressed: the 5-byte prefix, then the payload,
+    handed to h2 in window-sized pieces that are views of the payload, not copies."""
+
+    __slots__ = ("_payload", "_sent")
+
+    def __init__(self, payload: bytes, max_message_bytes: int) -> None:
+        if len(payload) > max_message_bytes:
+            raise MessageTooLargeError(
+                f"message of {len(payload)} bytes is over the limit of {max_message_bytes}"
+            )
+        self._payload = memoryview(payload)
+        self._sent = -GRPC_MESSAGE_PREFIX  # the prefix goes first
+
+    def __len__(self) -> int:
+        return len(self._payload) - self._sent
+
+    def take(self, amount: int) -> bytes | memoryview:
+        """The next ``amount`` bytes (fewer at the end)."""
+        start = self._sent
+        if start < 0:  # what is left of the prefix, and as much payload as fits behind it
+            prefix = struct.pack(">BI", 0, len(self._payload))[start:]
+            if amount <= len(prefix):
+                self._sent = start + amount
+                return prefix[:amount]
+            end = min(amount - len(prefix), len(self._payload))
+            self._sent = end
+            return prefix + self._payload[:end]
+        end = min(start + amount, len(self._payload))
+        self._sent = end
+        return self._payload[start:end]
+
+
+def send_step(connection: Any, stream_id: int, message: OutgoingMessage) -> bool:
+    """Hand h2 as much of ``message`` as ``stream_id``'s flow-control window allows.
 
     Returns False, sending nothing, while the window is shut (wait for a WINDOW_UPDATE).
     Raises h2's StreamClosedError for a stream the peer reset meanwhile.
@@ -143,5 +184,5 @@ def send_step(connection: Any, stream_id: int, buffer: MessageWriteBuffer) -> bo
     window: int = connection.flow_control_window(stream_id)
     if window <= 0:
         return False
-    connection.send_data(stream_id, buffer.data_to_send(min(window, len(buffer))))
+    connection.send_data(stream_id, message.take(window))
     return True

@@ -14,11 +14,11 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 import trio
-from purerpc.grpclib.buffers import MessageWriteBuffer
 
-from jobworker.wire.core import Outbound, send_step
+from jobworker.wire.core import Outbound, OutgoingMessage, send_step
 
 __all__ = ["FlowGates", "MessageSender", "Writer"]
 
@@ -66,7 +66,9 @@ class Writer:
             data = outbound.take()
             if data:
                 try:
-                    await self._send(data)
+                    # A bytearray h2 will not touch again: every stream's send takes any
+                    # bytes-like object, so it goes out without a copy.
+                    await self._send(cast("bytes", data))
                 finally:
                     outbound.sent()
                     self._progress.set()
@@ -126,8 +128,7 @@ class MessageSender:
         ended or the connection failed), True once all of it is queued. Raises h2's
         StreamClosedError for a stream reset meanwhile.
         """
-        buffer = MessageWriteBuffer(None, self._max_message_bytes)
-        buffer.write_message(payload, False)
+        buffer = OutgoingMessage(payload, self._max_message_bytes)
         writer = self._writer
         while buffer:
             if abandoned():

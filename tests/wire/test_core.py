@@ -12,9 +12,9 @@ import h2.events
 import pytest
 import trio
 import trio.testing
-from purerpc.grpclib.buffers import MessageWriteBuffer
 from purerpc.grpclib.config import GRPCConfiguration
 from purerpc.grpclib.events import MessageReceived, RequestReceived, WindowUpdated
+from purerpc.grpclib.exceptions import MessageTooLargeError
 
 from jobworker.errors import leaves
 from jobworker.server.config import ConnectionLimits
@@ -24,6 +24,7 @@ from jobworker.wire.core import (
     CLIENT_LIMITS,
     GRPC_MESSAGE_PREFIX,
     Outbound,
+    OutgoingMessage,
     WireLimits,
     apply_limits,
     initiate,
@@ -77,10 +78,8 @@ def open_stream(client: WireConnection, server: ServerGRPCConnection) -> tuple[i
     return stream_id, move(client, server)
 
 
-def framed(payload: bytes, limit: int = 1 << 20) -> MessageWriteBuffer:
-    buffer = MessageWriteBuffer(None, limit)
-    buffer.write_message(payload, False)
-    return buffer
+def framed(payload: bytes, limit: int = 1 << 20) -> OutgoingMessage:
+    return OutgoingMessage(payload, limit)
 
 
 def test_each_side_advertises_its_limits_and_opens_its_connection_window() -> None:
@@ -152,7 +151,7 @@ def test_an_excess_stream_is_refused_alone() -> None:
     assert [(r.stream_id, r.error_code) for r in resets] == [
         (second, h2.errors.ErrorCodes.REFUSED_STREAM)
     ]
-    client.send_data(first, bytes(framed(b"hi").data_to_send(7)), end_stream=True)
+    client.send_data(first, bytes(framed(b"hi").take(7)), end_stream=True)
     assert any(isinstance(e, MessageReceived) for e in move(client, server))
 
 
@@ -201,7 +200,7 @@ class ControlledSend:
         await self.release.wait()
         if self.fail:
             raise trio.BrokenResourceError("peer gone")
-        self.sent.append(data)
+        self.sent.append(bytes(data))
 
 
 async def test_a_sender_waits_while_the_writer_holds_too_much_and_close_drains() -> None:
@@ -301,3 +300,20 @@ async def test_the_sender_gives_up_on_an_abandoned_call_blocked_on_flow_control(
         await trio.testing.wait_all_tasks_blocked()
         writer.close()
     assert outcome == [False]
+
+
+@pytest.mark.parametrize("window", [1, 3, 5, 6, 16_384])
+def test_a_message_is_handed_out_as_its_prefix_and_payload_whatever_the_pieces(
+    window: int,
+) -> None:
+    payload = bytes(range(256)) * 7
+    message = OutgoingMessage(payload, 1 << 20)
+    pieces = b""
+    while message:
+        pieces += bytes(message.take(window))
+    assert pieces == (0).to_bytes(1, "big") + len(payload).to_bytes(4, "big") + payload
+
+
+def test_a_message_over_the_limit_is_refused_before_anything_is_sent() -> None:
+    with pytest.raises(MessageTooLargeError):
+        OutgoingMessage(b"x" * 101, 100)
