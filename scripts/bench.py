@@ -47,7 +47,7 @@ from jobworker import pki  # noqa: E402
 from jobworker.api import worker_pb2 as pb  # noqa: E402
 from jobworker.api import worker_pb2_grpc  # noqa: E402
 
-FIGURES = ("start", "firstbyte", "unary", "stream", "fanout", "scale", "list", "stop")
+FIGURES = ("start", "firstbyte", "unary", "stream", "fanout", "scale", "list", "stop", "go")
 LISTENING_RE = re.compile(r"listening on (\S+)")
 STARTUP_TIMEOUT_S = 60.0  # loading 10,000 records takes a while on a cold cache
 SHUTDOWN_TIMEOUT_S = 60.0  # a server stopping 500 jobs at shutdown
@@ -960,6 +960,97 @@ def fig_stop(env: Env) -> None:
         )
 
 
+GO_CLIENT_DIR = ROOT / "scripts" / "bench_go"
+# Debian's grpc-go and protobuf packages (golang-google-grpc-dev, golang-goprotobuf-dev): the
+# client builds offline, in GOPATH mode, against them.
+DEBIAN_GOPATH = "/usr/share/gocode"
+GO_PACKAGES = ("golang-go", "golang-google-grpc-dev", "golang-goprotobuf-dev", "protobuf-compiler")
+
+
+def build_go_client(tmp: Path) -> Path | str:
+    """The grpc-go bench client, built into ``tmp``; or why it cannot be built here."""
+    for tool in ("go", "protoc", "protoc-gen-go"):
+        if shutil.which(tool) is None:
+            return f"no {tool} (apt install {' '.join(GO_PACKAGES)})"
+    src = tmp / "gopath" / "src" / "jwbench"
+    (src / "pb").mkdir(parents=True)
+    shutil.copy(GO_CLIENT_DIR / "main.go", src / "main.go")
+    env = {**os.environ, "GOPATH": f"{tmp / 'gopath'}:{DEBIAN_GOPATH}", "GO111MODULE": "off"}
+    env["GOCACHE"] = str(tmp / "gocache")
+    steps = [
+        ["protoc", "-I", str(ROOT / "protos"),
+         f"--go_out=plugins=grpc,paths=source_relative:{src / 'pb'}", "worker.proto"],
+        ["go", "build", "-o", str(tmp / "jwbench"), "."],
+    ]  # fmt: skip
+    for argv in steps:
+        done = subprocess.run(argv, check=False, cwd=src, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            return f"{argv[0]} failed: {done.stderr.strip()[-300:]}"
+    return tmp / "jwbench"
+
+
+def go_run(client: Path, env: Env, server: Server, *args: str) -> dict[str, Any]:
+    """One run of the grpc-go client; adds the server's CPU seconds over it."""
+    cpu0 = server.cpu_s()
+    done = subprocess.run(
+        [str(client), "-addr", server.address, "-certs", str(env.certs), *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"grpc-go client: {done.stderr.strip()[-300:]}")
+    result: dict[str, Any] = json.loads(done.stdout)
+    result["server_cpu_s"] = server.cpu_s() - cpu0
+    return result
+
+
+def fig_go(env: Env) -> None:
+    """8. The same figures from a grpc-go client: sequential GetJob, one reader of a job."""
+    client = build_go_client(env.tmp)
+    if isinstance(client, str):
+        print(f"  ! grpc-go figures skipped: {client}", flush=True)
+        env.results.add("8 grpc-go", "grpc-go client figures", "skipped", "", "n/a", client)
+        return
+    nbytes = env.scale.stream_bytes
+    seconds = str(env.scale.unary_seconds)
+    ours_u, ref_u, ours_s, ref_s = [], [], [], []
+    with env.jobworker() as server, env.stub(server) as stub:
+        job = stub.CreateJob(pb.CreateJobReq(command="/bin/true"), timeout=RPC_TIMEOUT_S)
+        for _ in range(env.scale.reps):
+            ours_u.append(go_run(client, env, server, "-job", job.id, "-seconds", seconds))
+            ref_u.append(go_run(client, env, env.reference, "-job", "1", "-seconds", seconds))
+            writer = create_writer(stub, nbytes)()
+            ours_s.append(go_run(client, env, server, "-mode", "stream", "-job", writer))
+            ref_s.append(
+                go_run(client, env, env.reference, "-mode", "stream", "-job", f"bytes:{nbytes}")
+            )
+    env.results.raw["go"] = {"unary": [ours_u, ref_u], "stream": [ours_s, ref_s]}
+    rate, ref_rate = median([r["per_s"] for r in ours_u]), median([r["per_s"] for r in ref_u])
+    env.results.add(
+        "8 grpc-go",
+        "GetJob calls/s, 1 grpc-go caller",
+        f"{rate:,.0f}/s (p50 {median([r['p50_ms'] for r in ours_u]):.2f} ms)",
+        f"grpc.aio {ref_rate:,.0f}/s (p50 {median([r['p50_ms'] for r in ref_u]):.2f} ms)",
+        ratio(rate, ref_rate),
+        f"server CPU per call {median([r['server_cpu_s'] / r['calls'] for r in ours_u]) * 1e6:.0f}"
+        f" us vs {median([r['server_cpu_s'] / r['calls'] for r in ref_u]) * 1e6:.0f} us",
+    )
+    mbps, ref_mbps = median([r["mb_per_s"] for r in ours_s]), median([r["mb_per_s"] for r in ref_s])
+    short = sum(1 for r in ours_s if r["bytes"] != nbytes)
+    env.results.add(
+        "8 grpc-go",
+        f"{nbytes / MIB:,.0f} MiB job -> 1 grpc-go reader, MB/s",
+        f"{mbps:,.0f} MB/s",
+        f"grpc.aio memory buffer {ref_mbps:,.0f} MB/s",
+        ratio(mbps, ref_mbps),
+        f"CPU {median([r['server_cpu_s'] / (r['bytes'] / 1e9) for r in ours_s]):.2f} s/GB vs "
+        f"{median([r['server_cpu_s'] / (r['bytes'] / 1e9) for r in ref_s]):.2f}"
+        + (f"; {short} runs got the wrong byte count!" if short else ""),
+    )
+
+
 RUNNERS: dict[str, Callable[[Env], None]] = {
     "start": fig_start,
     "firstbyte": fig_firstbyte,
@@ -969,6 +1060,7 @@ RUNNERS: dict[str, Callable[[Env], None]] = {
     "scale": fig_scale,
     "list": fig_list,
     "stop": fig_stop,
+    "go": fig_go,
 }
 
 
