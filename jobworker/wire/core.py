@@ -176,13 +176,15 @@ class OutgoingMessage:
 
 
 def send_step(connection: Any, stream_id: int, message: OutgoingMessage) -> bool:
-    """Hand h2 as much of ``message`` as ``stream_id``'s flow-control window allows.
+    """Hand h2 as much of ``message`` as ``stream_id``'s flow-control window allows, as
+    frames of the peer's maximum size.
 
     Returns False, sending nothing, while the window is shut (wait for a WINDOW_UPDATE).
     Raises h2's StreamClosedError for a stream the peer reset meanwhile.
     """
-    window: int = connection.flow_control_window(stream_id)
+    h2_connection = connection.h2_connection
+    window: int = h2_connection.local_flow_control_window(stream_id)
     if window <= 0:
         return False
-    connection.send_data(stream_id, message.take(window))
+    h2_connection.send_data_frames(stream_id, message.take(window))
     return True
