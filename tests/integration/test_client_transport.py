@@ -389,11 +389,14 @@ async def test_an_exception_leaving_the_client_block_is_raised_bare(test_pki: Te
     class BodyFailed(Exception):
         pass
 
+    async def use_client(address: str) -> None:
+        async with client_for(test_pki, address) as client:
+            await client.get("1")
+            raise BodyFailed("from the body")
+
     async with fake_server(test_pki, answer_get) as server:
         with pytest.raises(BodyFailed) as caught:
-            async with client_for(test_pki, server.address) as client:
-                await client.get("1")
-                raise BodyFailed("from the body")
+            await use_client(server.address)
         assert type(caught.value) is BodyFailed
         await wait_for(server.connections[0].eof, "the socket to close")
 

@@ -5,6 +5,7 @@ placement), the opt-in network namespace, a launcher that dies, and the start-up
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -206,7 +207,7 @@ def test_exit_codes_oom_and_stops_are_as_without_isolation(
         assert (three.status, three.exitCode) == ("FAILED", 3)
         _, killed = run(stub, "kill -TERM $$")  # the command's own signal, through the init
         assert (killed.status, killed.exitCode) == ("FAILED", 143)
-        assert "job 2 ended: FAILED, exit code 143 (killed by signal 15)" in server.log_text()
+        server.wait_for_log(re.escape("job 2 ended: FAILED, exit code 143 (killed by signal 15)"))
         hog = "python3 -c 'b = bytearray(200 * 1024 * 1024); print(len(b))'"
         oom = create(stub, "sh", "-c", hog, maxMemory=50)
         ended = finished(stub, oom)

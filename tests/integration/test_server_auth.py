@@ -102,7 +102,7 @@ def test_viewer_may_read_but_not_create_or_stop(
     assert [j.id for j in call(viewer, "ListJobs").jobs] == [job.id]
     admin.StopJob(worker_pb2.StopJobReq(id=job.id), timeout=10)
     assert b"".join(c.payload for c in call(viewer, "GetJobsStream", job.id)) == b"y\n"
-    log = server.log_text()
+    log = server.wait_for_log("method=GetJobsStream")  # the audit lines come after the call
     assert (
         "WARNING jobworker.audit rpc identity=viewer role=viewer method=StopJob op=stop_job "
         "job=- outcome=PERMISSION_DENIED" in log

@@ -47,8 +47,11 @@ def slow_stop_server(server_factory: ServerFactory) -> Iterator[ServerProc]:
 
 
 def audit_outcomes(srv: ServerProc, method: str, job: str) -> list[tuple[str, float]]:
+    """The outcomes of ``method`` on ``job`` in the audit log, once there is at least one
+    (log lines are written by a thread, a moment after the call ended)."""
     pattern = AUDIT_RE.format(method=method, job=re.escape(job))
-    return [(code, float(ms)) for code, ms in re.findall(pattern, srv.log_text())]
+    text = srv.wait_for_log(pattern)
+    return [(code, float(ms)) for code, ms in re.findall(pattern, text)]
 
 
 def wait_ready(stub: worker_pb2_grpc.JobServiceStub, job_id: str) -> None:
@@ -222,5 +225,5 @@ def test_a_create_whose_deadline_passed_is_not_started_and_uses_no_id(
         assert list(stub.GetJobs(worker_pb2.EmptyRequest(), timeout=10).jobs) == []
         job = stub.CreateJob(worker_pb2.CreateJobReq(command="/bin/true"), timeout=10)
         assert job.id == "1"  # no id was used
-    assert "job 1 created" in server.log_text()
-    assert "job 2 created" not in server.log_text()
+    log = server.wait_for_log("job 1 created")  # lines are written by a thread, a bit later
+    assert "job 2 created" not in log
