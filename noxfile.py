@@ -22,8 +22,9 @@ nox.options.sessions = ["lint", "typecheck", "tests"]
 
 def _pinned(tool: str) -> str:
     """The exact requirement for ``tool`` from pyproject's dev extra: pinned in one place."""
-    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    [requirement] = [r for r in extra["optional-dependencies"]["dev"] if r.startswith(f"{tool}==")]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    dev: list[str] = project["optional-dependencies"]["dev"]
+    [requirement] = [r for r in dev if r.startswith(f"{tool}==")]
     return requirement
 
 

@@ -1,10 +1,12 @@
 """serve(): the server's root. Its nursery owns the signal watcher, the orphan reaper, the job
 manager's nursery of jobs and the listener with one task per connection.
 
-Shutdown (SIGINT/SIGTERM, see signals.py): stop accepting; every connection sends GOAWAY and
-its RPCs end with UNAVAILABLE (streams included); after SHUTDOWN_DRAIN_S whatever is left is
-cancelled; then the job manager stops every running job through the engine's stop path and
-persists the records. Further signals do not cut this short: no job is left behind.
+Shutdown (SIGINT/SIGTERM, see signals.py): health turns NOT_SERVING and CreateJob answers
+UNAVAILABLE from then on; once Watch streams have been told (at most
+NOT_SERVING_DELIVERY_S), stop accepting; every connection sends GOAWAY and its RPCs end with
+UNAVAILABLE (streams included); after SHUTDOWN_DRAIN_S whatever is left is cancelled; then
+the job manager stops every running job through the engine's stop path and persists the
+records. Further signals do not cut this short: no job is left behind.
 """
 
 from __future__ import annotations
@@ -151,6 +153,12 @@ async def _removing_roots(controller: ResourceController) -> AsyncIterator[None]
             await controller.remove_roots()
 
 
+def describe_sandbox(isolation: Isolation, users: JobUsers) -> str:
+    """What every job is isolated by and runs as, in one phrase: the start line, and the
+    ``would enforce`` line of ``--check``."""
+    return f"job isolation: {isolation.describe()}; {users.describe()}"
+
+
 async def _job_sandbox(config: ServerConfig, launcher: Launcher) -> tuple[Isolation, JobUsers]:
     """What every job will be isolated by and run as; logged in one line. Raises
     StartupError when an explicit setting cannot be honoured here."""
@@ -161,7 +169,7 @@ async def _job_sandbox(config: ServerConfig, launcher: Launcher) -> tuple[Isolat
         )
     except (IsolationUnusable, UsersUnusable) as exc:
         raise StartupError(str(exc)) from None
-    log.info("job isolation: %s; %s", isolation.describe(), users.describe())
+    log.info("%s", describe_sandbox(isolation, users))
     return isolation, users
 
 
@@ -282,7 +290,10 @@ async def serve(
                         task_status.started((host, port))
                         await shutdown.wait()
                         notify("STOPPING=1", "STATUS=stopping jobs")
-                        await health.shut_down()  # watchers hear NOT_SERVING before GOAWAY
+                        # No checkpoint between these two: no job starts once health says
+                        # NOT_SERVING, while watchers are being told (before GOAWAY).
+                        service.refuse_new_jobs()
+                        await health.shut_down()
                         listener.shutdown()
                         serving.cancel_scope.deadline = trio.current_time() + SHUTDOWN_DRAIN_S
                     log.info("connections closed; stopping jobs")

@@ -1,14 +1,18 @@
 """``jobworker-server --check``: would the server start with this configuration?
 
 Checks the certificates (readable, key matches, chains to the CA, dates, the listen host in
-the server's SAN), the data dir (exists or can be created, permissions, free space, not
-locked by a running server) and resource control, prints one line per finding and what
-would be enforced, and never binds the port. Exit 0 if it would start (warnings allowed), 2
-if not. Resource control is probed as the server does (a probe cgroup is made and removed).
+the server's SAN), the data dir (exists or can be created, permissions, free space against
+the ``--min-free-disk`` floor, not locked by a running server), resource control, the job
+user and the jobs' isolation, prints one line per finding and what would be enforced, and
+never binds the port. Exit 0 if it would start (warnings allowed), 2 if not. Resource
+control, users and isolation are established as the server does at start: a probe cgroup is
+made and removed, the uid range is checked against /etc, and one isolated launch of
+/bin/true is tried through a launcher of its own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import enum
 import fcntl
@@ -16,6 +20,7 @@ import ipaddress
 import logging
 import os
 import stat
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +30,18 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
 from jobworker.cgroups.detect import CgroupsUnavailable, detect_controller
-from jobworker.server.app import instance_name
+from jobworker.engine.manager import default_min_free_disk
+from jobworker.errors import leaves
+from jobworker.launch.isolation import (
+    IsolationSetting,
+    IsolationUnusable,
+    establish_isolation,
+    parse_isolation,
+)
+from jobworker.launch.launcher import open_launcher
+from jobworker.launch.request import Isolation
+from jobworker.launch.users import JobUsers, UsersUnusable
+from jobworker.server.app import describe_sandbox, instance_name
 from jobworker.server.config import ServerConfig
 from jobworker.server.tls import (
     CA_CERT_FILE,
@@ -35,7 +51,7 @@ from jobworker.server.tls import (
 )
 
 EXPIRY_WARNING = dt.timedelta(days=30)  # time enough to rotate before clients are refused
-LOW_DISK_BYTES = 64 * 1024 * 1024  # below this, job output will soon be lost
+MIB = 1024 * 1024
 
 
 class Level(enum.Enum):
@@ -153,10 +169,31 @@ def _data_dir(config: ServerConfig) -> Iterator[Finding]:
                 Level.WARN, what, f"{path} is writable by others (mode {info.st_mode & 0o777:o})"
             )
         yield from _lock(path)
-    disk = os.statvfs(existing)
-    free = disk.f_bavail * disk.f_frsize
-    level = Level.WARN if free < LOW_DISK_BYTES else Level.OK
-    yield Finding(level, what, f"{free // (1024 * 1024)} MiB free on the data disk")
+    yield _free_space(existing, config.min_free_disk)
+
+
+def _mib(size: int) -> str:
+    return f"{size // MIB} MiB" if size >= 10 * MIB else f"{size / MIB:.1f} MiB"
+
+
+def _free_space(path: Path, min_free_disk: int | None) -> Finding:
+    """Free space on the data disk against the floor below which the server refuses
+    CreateJob: ``--min-free-disk``, else the engine's default for a disk of that size."""
+    disk = os.statvfs(path)  # as the engine's store measures it: what we may use
+    free, total = disk.f_bavail * disk.f_frsize, disk.f_blocks * disk.f_frsize
+    floor = default_min_free_disk(total) if min_free_disk is None else min_free_disk
+    if free < floor:
+        return Finding(
+            Level.WARN,
+            "data dir",
+            f"{_mib(free)} free on the data disk, below the {_mib(floor)} floor "
+            "(--min-free-disk): CreateJob would answer RESOURCE_EXHAUSTED data disk full",
+        )
+    return Finding(
+        Level.OK,
+        "data dir",
+        f"{_mib(free)} free on the data disk (CreateJob is refused below {_mib(floor)})",
+    )
 
 
 def _lock(path: Path) -> Iterator[Finding]:
@@ -179,31 +216,111 @@ def _resource_control(config: ServerConfig, data_dir_busy: bool) -> Iterator[Fin
     if data_dir_busy:  # the server that runs there holds the subtree a probe would touch
         yield Finding(Level.OK, "resource control", "not probed: a server runs on the data dir")
         return
-    # detect_controller logs why it falls back; the finding says it here instead.
-    logging.getLogger("jobworker.cgroups").setLevel(logging.CRITICAL)
-    try:
-        controller = detect_controller(
-            config.cgroups, pids_max=config.pids_max, root_name=instance_name(config.data_dir)
-        )
-    except CgroupsUnavailable as exc:
-        yield Finding(Level.FAIL, "resource control", str(exc))
-        return
+    with _warnings_of("jobworker.cgroups") as warnings:  # why it falls back, under auto
+        try:
+            controller = detect_controller(
+                config.cgroups, pids_max=config.pids_max, root_name=instance_name(config.data_dir)
+            )
+        except CgroupsUnavailable as exc:
+            yield Finding(Level.FAIL, "resource control", str(exc))
+            return
     # The probe may leave this instance's (empty) subtree: remove it, as a shutdown would.
     trio.run(controller.remove_roots)
-    description = getattr(controller, "description", "")
-    if description:
-        yield Finding(Level.OK, "resource control", description)
+    if controller.enforced:
+        yield Finding(Level.OK, "resource control", controller.description)
     elif config.cgroups == "off":
         yield Finding(Level.WARN, "resource control", "off (--cgroups off): no limits enforced")
     else:
-        yield Finding(Level.WARN, "resource control", "no usable cgroups: no limits enforced")
+        why = "; ".join(warnings) or "no usable cgroups: no limits enforced"
+        yield Finding(Level.WARN, "resource control", why)
 
 
-def _enforced(config: ServerConfig) -> Finding:
+def _job_user(config: ServerConfig) -> tuple[list[Finding], JobUsers | None]:
+    """Who jobs would run as, decided as at start (a uid range checked against /etc)."""
+    try:
+        users = JobUsers.from_settings(config.job_user, config.job_uid_range)
+    except UsersUnusable as exc:
+        return [Finding(Level.FAIL, "job user", str(exc))], None
+    if not users.dynamic:
+        return [], users
+    return [
+        Finding(
+            Level.OK,
+            "job user",
+            f"uid range {config.job_uid_range} is free of /etc/passwd, /etc/group, "
+            "/etc/subuid and /etc/subgid entries",
+        )
+    ], users
+
+
+class _Caught(logging.Handler):
+    """Keeps the messages of the records it is handed."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _warnings_of(name: str) -> Iterator[list[str]]:
+    """The WARNING (and worse) messages of logger ``name`` meanwhile, kept off stderr: the
+    findings say them instead."""
+    logger = logging.getLogger(name)
+    caught, propagate = _Caught(), logger.propagate
+    logger.addHandler(caught)
+    logger.propagate = False
+    try:
+        yield caught.messages
+    finally:
+        logger.removeHandler(caught)
+        logger.propagate = propagate
+
+
+async def _probe_isolation(setting: IsolationSetting, work_dir: str) -> Isolation:
+    """establish_isolation through a launcher of our own, as the server does at start."""
+    async with trio.open_nursery() as nursery, open_launcher(nursery) as launcher:
+        return await establish_isolation(launcher, setting, work_dir)
+
+
+def _isolation(config: ServerConfig) -> tuple[list[Finding], Isolation | None]:
+    """The namespaces jobs would get, tried for real: an explicit ``--isolation`` the host
+    cannot provide fails; ``auto`` falls back (to none) with a warning, as at start."""
+    what = "isolation"
+    setting = parse_isolation(config.isolation)  # validated when the flags were read
+    with contextlib.ExitStack() as stack:
+        # The server probes in its data dir, which it has made by then; this one may not exist.
+        data_dir = config.data_dir
+        work_dir = (
+            str(data_dir.resolve())
+            if data_dir.is_dir()
+            else stack.enter_context(tempfile.TemporaryDirectory(prefix="jobworker-check-"))
+        )
+        warnings = stack.enter_context(_warnings_of("jobworker.launch"))
+        isolation: Isolation | None = None
+        refused: list[str] = []
+        try:
+            isolation = trio.run(_probe_isolation, setting, work_dir)
+        except* (IsolationUnusable, OSError) as group:  # OSError: the launcher did not start
+            refused = [str(leaf) for leaf in leaves(group)]
+    if isolation is None:
+        return [Finding(Level.FAIL, what, why) for why in refused], None
+    findings = [Finding(Level.WARN, what, message) for message in warnings]
+    if isolation.names:
+        findings.append(
+            Finding(Level.OK, what, f"an isolated launch ({isolation.describe()}) ran on this host")
+        )
+    return findings, isolation
+
+
+def _enforced(config: ServerConfig, sandbox: str | None) -> Finding:
     limits = config.limits
     return Finding(
         Level.OK,
         "would enforce",
+        f"{f'{sandbox}; ' if sandbox else ''}"
         f"pids-max {config.pids_max} per job, stop grace {config.stop_grace:g} s, "
         f"max-connections {config.max_connections}, max-concurrent-streams "
         f"{limits.max_concurrent_streams}, max-message-bytes {limits.max_message_bytes}, "
@@ -217,7 +334,12 @@ def run_check(config: ServerConfig, write: Callable[[str], None]) -> bool:
     now = dt.datetime.now(dt.UTC)
     findings = [*_certificates(config, now), *_data_dir(config)]
     busy = any(f.level is Level.FAIL and "in use" in f.detail for f in findings)
-    findings += [*_resource_control(config, busy), _enforced(config)]
+    findings += _resource_control(config, busy)
+    user_findings, users = _job_user(config)
+    isolation_findings, isolation = _isolation(config)
+    findings += [*user_findings, *isolation_findings]
+    sandbox = None if users is None or isolation is None else describe_sandbox(isolation, users)
+    findings.append(_enforced(config, sandbox))
     for finding in findings:
         write(finding.line())
     ok = all(f.level is not Level.FAIL for f in findings)

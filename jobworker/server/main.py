@@ -164,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--check",
         action="store_true",
-        help="check certificates, data dir and resource control without binding the port; "
-        "exit 0 if the server would start, 2 if not",
+        help="check certificates, data dir, resource control, job user and isolation without "
+        "binding the port; exit 0 if the server would start, 2 if not",
     )
     parser.add_argument(
         "--listen",

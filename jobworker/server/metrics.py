@@ -42,23 +42,28 @@ from jobworker.server.listener import Listener
 # unary calls to streams that follow a job for hours.
 JOB_START_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60)
-# File times come from the kernel's coarse clock, which may lag time.time() a little.
+# The values of jobworker_jobs_ended_total's reason_kind label. "timeout" is kept for a job
+# time limit, which jobs do not have yet (the API defines none): no reason maps to it.
 REASON_KINDS = ("exited", "stopped", "oom", "timeout", "lost", "start_failed", "shutdown")
+# The engine's reasons that name a kind by their start ("out of memory (limit 50 MB)",
+# "could not start: ..."); the others are exits, judged by status.
+OOM_PREFIX = "out of memory"
+START_FAILED_PREFIX = "could not start"
 
 
 def reason_kind(record: JobRecord) -> str:
-    """Why a terminal job ended, as one of REASON_KINDS (from its status and reason)."""
-    reason = record.reason.lower()
+    """Why a terminal job ended, as one of REASON_KINDS, from its status and the first
+    clause of its reason: what the engine appends after "; " (``N bytes of output lost:
+    connection timed out``, ``its output log is missing``) does not change why it ended."""
+    reason = record.reason.split("; ", 1)[0]
     if record.status is JobStatus.LOST:
         return "lost"
     if record.status is JobStatus.STOPPED:
-        return "shutdown" if record.reason == SHUTDOWN_REASON else "stopped"
-    if reason.startswith("out of memory") or record.usage.oom_kills:
+        return "shutdown" if reason == SHUTDOWN_REASON else "stopped"
+    if reason.startswith(OOM_PREFIX) or record.usage.oom_kills:
         return "oom"
-    if reason.startswith("could not start"):
+    if reason.startswith(START_FAILED_PREFIX):
         return "start_failed"
-    if "timed out" in reason or "timeout" in reason:
-        return "timeout"
     return "exited"
 
 

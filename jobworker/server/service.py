@@ -15,6 +15,7 @@ from google.protobuf.message import Message
 
 from jobworker.api import worker_pb2 as pb
 from jobworker.engine import JobManager, JobRecord, JobSpec, rfc3339
+from jobworker.errors import ServerShuttingDown
 from jobworker.server.listing import PageRequest, page, too_many
 from jobworker.wire.contract import DEFAULT_MAX_MESSAGE_BYTES
 
@@ -77,6 +78,14 @@ class JobService:
         # job id -> encoded one-job Jobs message, for terminal (immutable) records only.
         # Jobs are never forgotten by the manager, so this grows with its job table.
         self._finished_entries: dict[str, bytes] = {}
+        self._accepting = True
+
+    def refuse_new_jobs(self) -> None:
+        """From now on CreateJob answers UNAVAILABLE ``server shutting down`` (every other
+        RPC goes on). The server calls it as its health turns NOT_SERVING: a client that has
+        not seen the change yet cannot start a job that the shutdown would stop at once. A
+        CreateJob already past this check runs on (the shutdown stops its job)."""
+        self._accepting = False
 
     def methods(self) -> dict[str, Method]:
         """RPC name (as in the proto) -> Method. The handler dispatches through this."""
@@ -90,6 +99,8 @@ class JobService:
         }
 
     async def create_job(self, request: pb.CreateJobReq) -> pb.CreateJobRes:
+        if not self._accepting:
+            raise ServerShuttingDown
         spec = JobSpec(
             command=request.command,
             args=tuple(request.args),

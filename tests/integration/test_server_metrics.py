@@ -292,3 +292,30 @@ def test_a_reader_that_falls_behind_is_counted_as_a_catch_up(
     assert (value(samples, "jobworker_stream_catch_ups_total") or 0) >= 1
     assert value(samples, "jobworker_stream_bytes_total") == received
     assert value(samples, "jobworker_output_bytes_total") == received
+
+
+def test_streams_active_counts_an_open_stream_until_it_ends(
+    metered: ServerProc, admin: worker_pb2_grpc.JobServiceStub
+) -> None:
+    address = metrics_address(metered)
+    assert value(scrape(address), "jobworker_streams_active") == 0
+    job = admin.CreateJob(
+        worker_pb2.CreateJobReq(command="sh", args=["-c", "echo ready; exec sleep 60"]),
+        timeout=TIMEOUT,
+    )
+    stream = admin.GetJobsStream(worker_pb2.GetJobsStreamReq(id=job.id), timeout=60)
+    try:
+        assert next(stream).payload == b"ready\n"  # the reader is open on the server
+        assert value(scrape(address), "jobworker_streams_active") == 1
+    finally:
+        stream.cancel()
+    closed = scrape_until(address, lambda s: value(s, "jobworker_streams_active") == 0)
+    assert value(closed, "jobworker_streams_active") == 0
+    # A stream that ends by itself (the job's end) is released too.
+    ended = admin.GetJobsStream(worker_pb2.GetJobsStreamReq(id=job.id), timeout=60)
+    assert next(ended).payload == b"ready\n"
+    assert value(scrape(address), "jobworker_streams_active") == 1
+    admin.StopJob(worker_pb2.StopJobReq(id=job.id), timeout=TIMEOUT)
+    assert list(ended) == []  # nothing more: the job ended, the stream with it
+    done = scrape_until(address, lambda s: value(s, "jobworker_streams_active") == 0)
+    assert value(done, "jobworker_streams_active") == 0
