@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shlex
+import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -62,6 +65,49 @@ def skip_unless(condition: bool, reason: str) -> None:
 # not execute this interpreter when it lives under a private home (pyenv's under /root);
 # the system's can. Job scripts use the standard library only.
 JOB_PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
+
+
+# A full data disk, for real: a small tmpfs the test mounts (as root) and fills.
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(path: Path, size: str = "20m") -> Iterator[Path]:
+    """``path`` (made if missing) as a tmpfs of ``size`` for the block, unmounted afterwards."""
+    skip_unless(os.geteuid() == 0, "mounting a tmpfs needs root")
+    path.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(path: Path) -> None:
+    """Write ``path`` until the disk is full (keeps what fitted)."""
+    block = b"\0" * 65536
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        while True:
+            try:
+                os.write(fd, block)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                break
+        with contextlib.suppress(OSError):
+            while os.write(fd, b"\0"):  # the last partial page
+                pass
+    finally:
+        os.close(fd)
+
+
+def fill_completely(data: Path) -> list[Path]:
+    """Fill the disk of data dir ``data``, the server's reserve included (as if something else
+    had used it); return the fillers."""
+    fill(data / "filler1")
+    (data / ".reserve").unlink(missing_ok=True)
+    fill(data / "filler2")
+    return [data / "filler1", data / "filler2"]
 
 
 # /proc inspection: one parser for every test ("pid (comm) S ppid ...": comm may hold spaces and

@@ -71,7 +71,9 @@ class DiskReserve:
         self._lock = threading.Lock()
 
     def ensure(self) -> bool:
-        """Create the reserve if it is missing; False if the disk has no room for it."""
+        """Create the reserve if it is missing; False if the disk has no room for it (or
+        refuses it). Raises OSError if the reserve cannot even be looked at (a failing
+        disk): the caller decides how loud that is."""
         with self._lock:
             try:
                 if os.lstat(self.path).st_size >= DISK_RESERVE_BYTES:

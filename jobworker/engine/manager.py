@@ -132,7 +132,9 @@ class JobManager:
 
         Raises InvalidJobSpec (CommandNotFound, CommandNotExecutable, LimitRefused) before
         anything is made: no id is used, nothing is written; so does DataDiskFull while the
-        data disk has less free space than the floor. Raises JobStartFailed if the
+        data disk has less free space than the floor, and when the disk fills up before the
+        job's first files are made (what was made is removed; the id is given back unless a
+        later create took the next one meanwhile). Raises JobStartFailed if the
         process could not be spawned (the job is then recorded FAILED under its id).
         The returned snapshot is RUNNING, or already terminal if the job ended that fast.
         A caller cancelled (or past its deadline) before the start gets Cancelled, and nothing
@@ -213,7 +215,13 @@ class JobManager:
             limits.memory_mb,
             limits.io_bps,
         )
-        await self._nursery.start(job.run)
+        try:
+            await self._nursery.start(job.run)
+        except DataDiskFull:
+            del self._jobs[job_id]
+            if self._next_id == int(job_id) + 1:
+                self._next_id = int(job_id)  # no create took a later id: nothing skips it
+            raise
         return job.record
 
     def _check_command(self, command: str) -> tuple[str, int]:
@@ -249,19 +257,21 @@ class JobManager:
 
     @asynccontextmanager
     async def _follow(
-        self, job_id: str, offset: int, max_chunk: int
+        self, job_id: str, offset: int, max_chunk: int, snapshot: bool
     ) -> AsyncIterator[OutputReader]:
         output = self._job(job_id).output
-        async with output.follow(offset, max_chunk) as reader:
+        async with output.follow(offset, max_chunk, snapshot=snapshot) as reader:
             yield reader
 
     def follow(
-        self, job_id: str, offset: int = 0, max_chunk: int = 65536
+        self, job_id: str, offset: int = 0, max_chunk: int = 65536, *, snapshot: bool = False
     ) -> AbstractAsyncContextManager[OutputReader]:
         """The job's output from ``offset``: history, then live data, ending once the job has
-        ended and every byte was delivered. Raises JobNotFound on enter. Leaving the context
-        (or cancellation) releases the reader at once."""
-        return self._follow(job_id, offset, max_chunk)
+        ended and every byte was delivered; with ``snapshot``, ending at the length the output
+        had on enter (what is there so far). Raises JobNotFound on enter, OutputLost while
+        reading a log that is gone. Leaving the context (or cancellation) releases the reader
+        at once."""
+        return self._follow(job_id, offset, max_chunk, snapshot)
 
     def output_size(self, job_id: str) -> int:
         """Bytes of output the job has written so far. Raises JobNotFound."""
@@ -269,10 +279,26 @@ class JobManager:
 
     async def _keep_records(self) -> None:
         """Write again, every RECORD_RETRY_S, the records a full or failing disk refused;
-        re-create the disk reserve once there is room. Runs until cancelled."""
+        re-create the disk reserve once there is room. Runs until cancelled. A failing disk
+        (any OSError: EIO from statvfs or lstat) does not end it: each kind of failure is
+        logged once, not at every beat, and the work is tried again at the next."""
+        failure = ""  # the failure last logged
         while True:
             await trio.sleep(RECORD_RETRY_S)
-            await self._flush_records()
+            try:
+                await self._flush_records()
+            except OSError as exc:
+                if str(exc) != failure:
+                    failure = str(exc)
+                    log.warning(
+                        "data disk: %s; records and the reserve are tried again every %g s",
+                        failure,
+                        RECORD_RETRY_S,
+                    )
+            else:
+                if failure:
+                    log.info("data disk: usable again")
+                    failure = ""
 
     async def _flush_records(self) -> None:
         if self._store.unsaved:
@@ -328,8 +354,11 @@ async def open_job_manager(
     loaded = await _load(store)
     free, total = await trio.to_thread.run_sync(store.free_bytes)
     floor = default_min_free_disk(total) if min_free_disk is None else min_free_disk
-    if free >= floor and not await trio.to_thread.run_sync(store.reserve.ensure):
-        log.warning("no room for the data disk reserve in %s", data_dir)
+    try:
+        if free >= floor and not await trio.to_thread.run_sync(store.reserve.ensure):
+            log.warning("no room for the data disk reserve in %s", data_dir)
+    except OSError as exc:  # made later, once the disk lets us (_keep_records)
+        log.warning("data disk: cannot make the reserve: %s", exc)
     swept = await controller.sweep()
     if swept:
         log.warning("removed cgroups left by a previous worker: jobs %s", ", ".join(swept))

@@ -270,10 +270,13 @@ class OutputLog:
         return len(self._live)
 
     @asynccontextmanager
-    async def follow(self, offset: int = 0, max_chunk: int = 65536) -> AsyncIterator[OutputReader]:
-        """A reader of this log from ``offset``. Leaving the context (or cancellation)
-        releases its channel, its file handle and its registration at once."""
-        reader = OutputReader(self, offset, max_chunk)
+    async def follow(
+        self, offset: int = 0, max_chunk: int = 65536, *, snapshot: bool = False
+    ) -> AsyncIterator[OutputReader]:
+        """A reader of this log from ``offset`` (with ``snapshot``: up to the length the log
+        has now, what is there so far). Leaving the context (or cancellation) releases its
+        channel, its file handle and its registration at once."""
+        reader = OutputReader(self, offset, max_chunk, snapshot=snapshot)
         try:
             yield reader
         finally:
@@ -283,10 +286,13 @@ class OutputLog:
 class OutputReader:
     """An async iterator of output chunks (each 1..max_chunk bytes) from an offset: history
     from the file, then live data, ending once the job has ended and every byte up to the
-    final length was delivered. Raises OutputLost if the file is missing, shorter than its
-    length, or no longer a regular file of ours. One consumer task at a time."""
+    final length was delivered (with ``snapshot``: every byte up to the length when the
+    reader was made, never live data). Raises OutputLost if the file is missing, shorter
+    than its length, or no longer a regular file of ours. One consumer task at a time."""
 
-    def __init__(self, output: OutputLog, offset: int, max_chunk: int) -> None:
+    def __init__(
+        self, output: OutputLog, offset: int, max_chunk: int, *, snapshot: bool = False
+    ) -> None:
         if offset < 0:
             raise ValueError("offset must not be negative")
         if max_chunk < 1:
@@ -294,9 +300,11 @@ class OutputReader:
         self._log = output
         self.offset = offset  # the next byte this reader will deliver
         self._max_chunk = max_chunk
+        self._end = output.length if snapshot else None  # where a snapshot stops
         self._receive: trio.MemoryReceiveChannel[Chunk] | None = None
         self._pending = memoryview(b"")
         self._fd: int | None = None
+        self._nowait = hasattr(os, "RWF_NOWAIT")
         self.catch_ups = 0  # times this reader was dropped from the live path
         self.queued_bytes = 0  # bytes in its live channel (raised by the pump, lowered here)
 
@@ -335,25 +343,42 @@ class OutputReader:
                     return data
                 self._pending = memoryview(data)[skip:]
                 continue
-            if self.offset < self._log.length:
-                size = min(max(self._max_chunk, FILE_READ_BYTES), self._log.length - self.offset)
-                data = await self._read_file(size)
-                if data:
-                    self._pending = memoryview(data)
+            # A snapshot's end is at most the length: it reads the file, never the live path.
+            end = self._log.length if self._end is None else self._end
+            if self.offset < end:
+                size = min(max(self._max_chunk, FILE_READ_BYTES), end - self.offset)
+                read = await self._read_file(size)
+                if read:
+                    self._pending = memoryview(read)
                     return self._take_pending()
                 log.error("output log %s is shorter than recorded", self._log.path)
                 raise OutputLost(self._log.job_id, "is shorter than recorded")
             if self._log.missing:
                 raise OutputLost(self._log.job_id)
-            if self._log.ended:
+            if self._log.ended or self._end is not None:
                 raise StopAsyncIteration
             # Caught up with a live job: join the live path. No checkpoint since the length
             # check above, so the first chunk we get starts exactly at our offset.
             self._receive = self._log._subscribe(self)
 
-    async def _read_file(self, size: int) -> bytes:
+    async def _read_file(self, size: int) -> bytes | memoryview:
         if self._fd is None:
             self._fd = await trio.to_thread.run_sync(self._open_file)
+        if self._nowait:
+            # What a reader catches up on was mostly written moments ago and is in the page
+            # cache: read it here, without a thread hop, if the kernel can do so without
+            # waiting for the disk (RWF_NOWAIT); a miss goes to a thread as before.
+            buffer = bytearray(size)
+            try:
+                got = os.preadv(self._fd, [buffer], self.offset, os.RWF_NOWAIT)
+            except BlockingIOError:
+                got = 0
+            except OSError:  # a file system without RWF_NOWAIT: threads from now on
+                self._nowait = False
+                got = 0
+            if got:
+                await trio.lowlevel.checkpoint()
+                return memoryview(buffer)[:got]
         return await trio.to_thread.run_sync(
             os.pread, self._fd, size, self.offset, limiter=self._log.read_limiter
         )

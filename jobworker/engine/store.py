@@ -13,7 +13,11 @@ when a final record or an output-loss marker finds the disk full.
 The loader trusts nothing in the data dir (jobs may be able to write it): a
 record or log is opened without following symlinks or blocking on fifos, must
 be a regular file owned by the server's user, and a record is read with a size
-cap. Anything else is skipped with one WARNING naming it.
+cap. A record must also hold only what the server can serve (strings that are
+UTF-8, numbers that fit their wire fields, timestamps that convert to UTC).
+Anything else is skipped with one WARNING naming it. A save writes a temporary
+file of a fresh name (created exclusively), so nothing planted in a job's
+directory can make it block, follow a link or fail for good.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import errno
 import json
 import logging
 import os
+import secrets
+import shutil
 import stat
 import threading
 from dataclasses import dataclass, field, replace
@@ -85,15 +91,28 @@ def record_to_json(record: JobRecord) -> dict[str, Any]:
     }
 
 
+# The int32 fields of the wire (limits, exit code): a stored value beyond them could not be
+# sent, and would break every listing that holds the job.
+INT32 = range(-(2**31), 2**31)
+
+
 def _int(value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError("expected an integer")
     return value
 
 
+def _int32(value: object) -> int:
+    number = _int(value)
+    if number not in INT32:
+        raise ValueError(f"{number} does not fit a 32-bit field")
+    return number
+
+
 def _str(value: object) -> str:
     if not isinstance(value, str):
         raise TypeError("expected a string")
+    value.encode()  # UnicodeEncodeError for a lone surrogate ("\ud800" in the JSON)
     return value
 
 
@@ -101,11 +120,30 @@ def _time(value: object) -> dt.datetime:
     moment = dt.datetime.fromisoformat(_str(value))
     if moment.tzinfo is None:
         raise ValueError("timestamp without a time zone")
-    return moment
+    return moment.astimezone(dt.UTC)  # OverflowError at the ends of the calendar
+
+
+# What decoding or interpreting one record may raise, whatever was written into it:
+# ValueError (bad JSON or UTF-8, an integer of too many digits, a bad status, timestamp or
+# range), KeyError (a missing field), TypeError and AttributeError (a field, or the whole
+# record, of the wrong type), RecursionError (nesting deeper than the decoder's recursion
+# limit: a few KiB of "["), OverflowError (a number too large for a float, a date that does
+# not convert to UTC).
+RECORD_ERRORS: tuple[type[Exception], ...] = (
+    ValueError,
+    KeyError,
+    TypeError,
+    AttributeError,
+    RecursionError,
+    OverflowError,
+)
+
+
+_UNREADABLE: tuple[type[Exception], ...] = (OSError, *RECORD_ERRORS)  # reading, then parsing
 
 
 def record_from_json(data: dict[str, Any]) -> JobRecord:
-    """Parse a stored record. Raises KeyError/TypeError/ValueError if it is malformed."""
+    """Parse a stored record. Raises one of RECORD_ERRORS if it is malformed."""
     if data.get("format") != RECORD_FORMAT:
         raise ValueError(f"unknown record format {data.get('format')!r}")
     limits = data["limits"]
@@ -119,15 +157,15 @@ def record_from_json(data: dict[str, Any]) -> JobRecord:
         command=_str(data["command"]),
         args=tuple(_str(arg) for arg in data["args"]),
         limits=Limits(
-            cpu_percent=_int(limits["cpu_percent"]),
-            memory_mb=_int(limits["memory_mb"]),
-            io_bps=_int(limits["io_bps"]),
+            cpu_percent=_int32(limits["cpu_percent"]),
+            memory_mb=_int32(limits["memory_mb"]),
+            io_bps=_int32(limits["io_bps"]),
             pids_max=_int(limits["pids_max"]),
         ),
         status=JobStatus(data["status"]),
         start_time=_time(data["start_time"]),
         end_time=None if end_time is None else _time(end_time),
-        exit_code=None if exit_code is None else _int(exit_code),
+        exit_code=None if exit_code is None else _int32(exit_code),
         reason=_str(data.get("reason", "")),
         usage=Usage(
             cpu_time_s=None if cpu_time is None else float(cpu_time),
@@ -145,7 +183,33 @@ class DataDirUnusable(Exception):
 # A record is a few hundred bytes plus the job's arguments (bounded by the request size):
 # anything larger was not written by us.
 MAX_RECORD_BYTES = 2 * 1024 * 1024
-TEMP_NAME = f".{RECORD_NAME}.tmp"
+# Temporary records: ".job.json.<random>.tmp" (and ".job.json.tmp", the name of older saves).
+TEMP_PREFIX = f".{RECORD_NAME}."
+TEMP_SUFFIX = ".tmp"
+
+
+def _is_temporary(name: str) -> bool:
+    return name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX)
+
+
+def _remove_temporaries(directory: Path, job_id: str) -> None:
+    """Remove what saves cut short by a crash left in a job's directory, and whatever else
+    carries such a name (a job may have planted a directory, a fifo, a symlink): never
+    followed out of the directory. What cannot be removed is left, with a WARNING."""
+    try:
+        with os.scandir(directory) as entries:
+            found = [entry for entry in entries if _is_temporary(entry.name)]
+    except OSError as exc:
+        log.warning("job %s: cannot look for temporary records in %s: %s", job_id, directory, exc)
+        return
+    for entry in found:
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)  # fd-based: refuses to follow a symlink
+            else:
+                os.unlink(entry.path)
+        except (OSError, RecursionError) as exc:  # RecursionError: a tree nested too deep
+            log.warning("job %s: cannot remove %s: %s", job_id, entry.path, exc)
 
 
 def _read_record(path: Path, job_id: str) -> JobRecord:
@@ -162,7 +226,7 @@ def _read_record(path: Path, job_id: str) -> JobRecord:
         os.close(fd)
     if len(data) > MAX_RECORD_BYTES:
         raise UnsafeFile(f"more than a record can be ({MAX_RECORD_BYTES} bytes)")
-    record = record_from_json(json.loads(data))
+    record = record_from_json(json.loads(data))  # RECORD_ERRORS
     if record.id != job_id:
         raise ValueError(f"record says id {record.id!r}")
     return record
@@ -292,6 +356,18 @@ class JobStore:
         if owner is not None:
             os.chown(work, *owner)
 
+    def discard(self, job_id: str) -> bool:
+        """Remove what ``prepare`` (and a first save) made for a job that never started;
+        True once nothing of it is on disk."""
+        try:
+            shutil.rmtree(self.job_dir(job_id))
+        except FileNotFoundError:
+            return True
+        except OSError as exc:
+            log.warning("job %s: cannot remove %s: %s", job_id, self.job_dir(job_id), exc)
+            return False
+        return True
+
     def save(self, record: JobRecord, *, durable: bool = True) -> None:
         """Write the record atomically (a reader sees the old or the new file, never a mix).
 
@@ -301,13 +377,17 @@ class JobStore:
         the page cache (the restart marks the job LOST), a power loss takes the job's
         processes with it. Final records are durable. On failure the temporary file is
         removed and OSError raised: the previous record is still in place.
+
+        The temporary file has a fresh random name and is created exclusively: whatever a
+        job planted in the directory is never opened (a fifo would block the open, a symlink
+        lead out of the data dir, a directory refuse it for good).
         """
         directory = self.job_dir(record.id)
         payload = json.dumps(record_to_json(record), indent=1).encode()
-        temp = directory / TEMP_NAME
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        temp = directory / f"{TEMP_PREFIX}{secrets.token_hex(8)}{TEMP_SUFFIX}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(temp, flags, 0o600)
         try:
-            fd = os.open(temp, flags, 0o600)
             try:
                 view = memoryview(payload)
                 while view:
@@ -371,15 +451,15 @@ class JobStore:
         """Read the records of these job directories (blocking). A job recorded INITIALIZING
         or RUNNING is marked LOST (and saved): its end was never observed. A record that is
         unreadable, not a regular file owned by us, or larger than MAX_RECORD_BYTES is
-        skipped with one WARNING; its id stays used. A leftover temporary record is removed.
+        skipped with one WARNING; its id stays used. Leftover temporary records are removed.
+        A LOST record the disk refuses is kept for the retry (JobStore.keep), with a WARNING.
         """
         records: list[JobRecord] = []
         lengths: dict[str, int | None] = {}
         found_lost: list[str] = []
         for name in names:
             directory = self.jobs_dir / name
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(directory / TEMP_NAME)  # a save cut short by a crash
+            _remove_temporaries(directory, name)
             path = directory / RECORD_NAME
             try:
                 record = _read_record(path, name)
@@ -389,7 +469,7 @@ class JobStore:
             except UnsafeFile as exc:
                 log.warning("job %s: job record %s refused (%s), skipped", name, path, exc)
                 continue
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            except _UNREADABLE as exc:
                 log.warning("job %s: unreadable job record %s, skipped: %s", name, path, exc)
                 continue
             length, why = _output_length(self.output_path(name))
@@ -409,9 +489,14 @@ class JobStore:
                 log.warning("job %s: marked LOST (%s)", record.id, LOST_REASON)
                 found_lost.append(record.id)
                 try:
-                    self.save(record)
-                except OSError:
-                    log.exception("job %s: cannot save its LOST record", record.id)
+                    self.keep(record)
+                except OSError as exc:
+                    log.warning(
+                        "job %s: cannot save its LOST record (%s); it is written again once "
+                        "possible",
+                        record.id,
+                        exc.strerror or exc,
+                    )
             if length is None:
                 record = replace(record, reason=f"{record.reason}; {OUTPUT_MISSING_REASON}")
             records.append(record)

@@ -30,11 +30,12 @@ from typing import NoReturn
 import trio
 
 from jobworker.cgroups.base import JobCgroup
+from jobworker.engine.disk import is_disk_full
 from jobworker.engine.job import Job
 from jobworker.engine.model import JobRecord, JobStatus, Usage, utc_now
 from jobworker.engine.output import OutputLog
 from jobworker.engine.store import JobStore
-from jobworker.errors import JobStartFailed
+from jobworker.errors import DataDiskFull, JobStartFailed
 from jobworker.launch.launcher import LaunchedProcess, Launcher, LauncherGone, LaunchFailed
 from jobworker.launch.request import LaunchRequest
 from jobworker.launch.sandbox import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, EXIT_SETUP_FAILED
@@ -107,6 +108,7 @@ class SupervisedJob(Job):
         self._oom = False
         self._exited_by_itself = False
         self._emptied = False  # True once no process of the job is left
+        self._lost_seen = 0  # output lost so far, as the record's reason says
 
     def request_stop(self, reason: str) -> None:
         """Ask the job to end (first reason wins); its task does the killing and recording."""
@@ -127,8 +129,10 @@ class SupervisedJob(Job):
         """Spawn the job, report it started, supervise it until it ends, record the end.
 
         Raises JobStartFailed before ``started()`` if the process cannot be spawned (the job
-        is then recorded FAILED). On cancellation the job is stopped like a stop request
-        (reason "worker shutdown"), its processes killed and its record persisted.
+        is then recorded FAILED), DataDiskFull if the disk had no room for the job's first
+        files (nothing of the job is left: no record, no directory). On cancellation the job
+        is stopped like a stop request (reason "worker shutdown"), its processes killed and
+        its record persisted.
         """
         with trio.CancelScope(shield=True):  # bounded work that must not be half-done
             process = await self._spawn()
@@ -184,6 +188,9 @@ class SupervisedJob(Job):
     async def _spawn(self) -> LaunchedProcess:
         try:
             await trio.to_thread.run_sync(self._prepare_files)
+        except DataDiskFull:
+            await self._undo_start()
+            raise
         except OSError as exc:
             await self._fail_start(exc)
         request = replace(
@@ -198,12 +205,37 @@ class SupervisedJob(Job):
         return process
 
     def _prepare_files(self) -> None:
+        """Make the job's directory, its INITIALIZING record and its output log. Raises
+        DataDiskFull if the disk is full (what was made is removed again), else OSError."""
         # The INITIALIZING record exists before the process does: if the worker dies from
         # here on, the restarted worker shows this job as LOST instead of forgetting it.
         uid, gid = self._request.uid, self._request.gid
-        self._store.prepare(self.id, owner=None if uid is None or gid is None else (uid, gid))
-        self._store.save(self._record, durable=False)
-        self.output.open_append()
+        try:
+            self._store.prepare(self.id, owner=None if uid is None or gid is None else (uid, gid))
+            self._store.save(self._record, durable=False)
+            self.output.open_append()
+        except OSError as exc:
+            # Full since the manager's check: refused like a create on a full disk, unless
+            # what was made cannot be removed (then it is a failed start, under its id).
+            if is_disk_full(exc) and self._store.discard(self.id):
+                raise DataDiskFull() from None
+            raise
+
+    async def _undo_start(self) -> None:
+        """The job's files could not be made and nothing of it is on disk: remove its cgroup,
+        free its uid, end it unrecorded (the manager forgets it)."""
+        log.warning("job %s could not start: data disk full; nothing of it is kept", self.id)
+        await self._cgroup.remove()
+        self._record = replace(
+            self._record,
+            status=JobStatus.FAILED,
+            end_time=utc_now(),
+            reason=f"could not start: {DataDiskFull()}",
+        )
+        self.output.finish()
+        self._gone()
+        self.ended.set()
+        self.spawned.set()  # a stop waiting for the spawn sees it FAILED
 
     async def _fail_start(self, exc: OSError) -> NoReturn:
         """Record the job FAILED ("could not start: ..."), clean up, raise JobStartFailed."""
@@ -265,6 +297,10 @@ class SupervisedJob(Job):
                     _enlarge_pipe(stream.fileno())
                 while data := await stream.receive_some(PUMP_READ_BYTES):
                     await self.output.append(bytes(data))
+                    if self.output.lost_bytes != self._lost_seen:
+                        # The loss shows in the job's reason while it runs, not only at its end.
+                        self._lost_seen = self.output.lost_bytes
+                        self._record = replace(self._record, reason=self.output.loss_summary)
         finally:
             self._pump_done.set()
             with trio.CancelScope(shield=True):

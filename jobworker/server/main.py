@@ -9,13 +9,15 @@ environment, ``--print-config`` and the checks follow from the parser by themsel
 
 Exit codes: 0 after a graceful shutdown (and after ``--print-config``); 2 when the server
 cannot start (bad flag or setting, unreadable certificates, an unusable or busy data dir,
-the address cannot be bound, ``--cgroups require`` without usable cgroups), always as one
-line on stderr; 1 when the server failed after it started.
+the address cannot be bound, ``--cgroups require`` without usable cgroups, and any other
+failure before it listens: its exception's class named, the traceback logged at DEBUG),
+always as one line on stderr; 1 when the server failed after it started.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import resource
@@ -392,6 +394,27 @@ def _fail(message: str) -> NoReturn:
     sys.exit(EXIT_CONFIG)
 
 
+class _Serving(trio.TaskStatus[tuple[str, int]]):
+    """serve()'s task_status: set once it listens. What fails before that is a reason not to
+    start (exit 2), what fails after it a failure of a server that was serving (exit 1)."""
+
+    def __init__(self) -> None:
+        self.serving = False
+
+    def started(self, value: tuple[str, int] | None = None) -> None:
+        self.serving = True
+
+
+def _unexpected(exc: BaseException) -> str:
+    """An unexpected reason not to start, in one line: its class and what it says."""
+    while isinstance(exc, BaseExceptionGroup):  # several at once: the first says enough
+        exc = unwrap(exc.exceptions[0])
+    text = str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror if exc.filename is None else f"{exc.strerror}: {exc.filename}"
+    return f"cannot start: {type(exc).__name__}: {' '.join(text.split())}"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``jobworker-server``; exits the process."""
     parser = build_parser()
@@ -408,17 +431,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(0 if run_check(config, print) else EXIT_CONFIG)
     setup_logging(args.log_level, args.log_format)
     raise_fd_limit(config.max_connections)
+    serving = _Serving()
     try:
         ssl_context = build_server_context(config.certs_dir)
-        trio.run(serve, config, ssl_context)
+        trio.run(functools.partial(serve, config, ssl_context, task_status=serving))
     except Exception as exc:
         leaf = unwrap(exc)
-        # Every reason not to start is one line and exit 2 (the engine's own refusal of an
-        # unusable jobs dir and the metrics address are not StartupErrors: other layers).
-        if isinstance(
-            leaf, StartupError | CgroupsUnavailable | DataDirUnusable | MetricsListenError
-        ):
-            _fail(str(leaf))
+        if not serving.serving:
+            # Every reason not to start is one line and exit 2: the expected ones in their
+            # own words (the engine's refusal of an unusable jobs dir and the metrics address
+            # are not StartupErrors: other layers), anything else with its class.
+            if isinstance(
+                leaf, StartupError | CgroupsUnavailable | DataDirUnusable | MetricsListenError
+            ):
+                _fail(str(leaf))
+            _log.debug("the start failed", exc_info=exc)
+            _fail(_unexpected(leaf))
         _log.critical("server failed", exc_info=exc)
         sys.exit(EXIT_RUNTIME)
     sys.exit(0)

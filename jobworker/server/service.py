@@ -163,16 +163,11 @@ class JobService:
         released by the engine's context manager.
 
         With ``noFollow`` the stream ends once it has sent the bytes the job had written when
-        the stream opened (the whole output, for a job that has ended)."""
-        end = self._manager.output_size(request.id) if request.noFollow else None
-        if end == 0:
-            return
-        follow = self._manager.follow(request.id, offset=0, max_chunk=STREAM_CHUNK_BYTES)
-        sent = 0
+        the stream opened (the whole output, for a job that has ended). Either way a log that
+        is gone ends it with DATA_LOSS (OutputLost), even when there is nothing to send."""
+        follow = self._manager.follow(
+            request.id, offset=0, max_chunk=STREAM_CHUNK_BYTES, snapshot=request.noFollow
+        )
         async with follow as reader:
             async for chunk in reader:
-                payload = chunk if end is None else chunk[: end - sent]
-                await send(pb.DataChunk(payload=payload))
-                sent += len(payload)
-                if sent == end:
-                    return
+                await send(pb.DataChunk(payload=chunk))

@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import trio
 
 from jobworker.engine import LOST_REASON, JobStatus, open_job_manager
 from jobworker.engine.model import JobRecord, Limits, utc_now
@@ -144,7 +145,56 @@ async def test_a_temporary_record_left_by_a_crash_is_removed_at_start(data_dir: 
     store = JobStore(data_dir)
     store.prepare("1")
     store.save(replace(_record(), status=JobStatus.COMPLETED, end_time=utc_now(), exit_code=0))
-    (data_dir / "jobs" / "1" / ".job.json.tmp").write_bytes(b'{"format": 1, "id"')
+    leftovers = [data_dir / "jobs" / "1" / name for name in (".job.json.tmp", ".job.json.0f1e.tmp")]
+    for leftover in leftovers:  # the name of older saves, and of ours
+        leftover.write_bytes(b'{"format": 1, "id"')
     async with open_job_manager(data_dir) as manager:
         assert manager.get("1").status is JobStatus.COMPLETED
-    assert not (data_dir / "jobs" / "1" / ".job.json.tmp").exists()
+    assert sorted(os.listdir(data_dir / "jobs" / "1")) == ["job.json", "work"]
+
+
+def _plant_directory(path: Path, outside: Path) -> None:
+    path.mkdir()
+    (path / "inside").write_text("planted\n")
+
+
+def _plant_fifo(path: Path, outside: Path) -> None:
+    os.mkfifo(path)  # opened for writing without O_NONBLOCK, it waits for a reader: forever
+
+
+def _plant_symlink(path: Path, outside: Path) -> None:
+    path.symlink_to(outside)  # out of the data dir
+
+
+PLANTED: dict[str, Callable[[Path, Path], None]] = {
+    "directory": _plant_directory,
+    "fifo": _plant_fifo,
+    "symlink out of the data dir": _plant_symlink,
+}
+SAVE_S = 5.0  # a save takes milliseconds: this bound only ends one that blocks
+
+
+@pytest.mark.parametrize("kind", list(PLANTED))
+async def test_nothing_planted_at_the_temporary_record_path_blocks_or_breaks_a_save_or_a_start(
+    data_dir: Path, tmp_path: Path, kind: str
+) -> None:
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"not the server's\n")
+    store = JobStore(data_dir)
+    store.prepare("1")
+    store.save(_record())
+    job_dir = data_dir / "jobs" / "1"
+    planted = job_dir / ".job.json.tmp"  # the temporary name of older saves: easily guessed
+    PLANTED[kind](planted, outside)
+    final = replace(_record(), status=JobStatus.COMPLETED, end_time=utc_now(), exit_code=0)
+    try:
+        with trio.fail_after(SAVE_S):
+            await trio.to_thread.run_sync(store.save, final, abandon_on_cancel=True)
+    finally:
+        if planted.is_fifo():  # release a save blocked on it
+            os.close(os.open(planted, os.O_RDONLY | os.O_NONBLOCK))
+    assert _stored(data_dir).status is JobStatus.COMPLETED
+    async with open_job_manager(data_dir) as manager:
+        assert manager.get("1").status is JobStatus.COMPLETED
+    assert sorted(os.listdir(job_dir)) == ["job.json", "work"]  # the start removed it
+    assert outside.read_bytes() == b"not the server's\n"  # never written through the link

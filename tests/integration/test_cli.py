@@ -31,7 +31,7 @@ from tests.support import grpc_credentials
 
 if TYPE_CHECKING:
     from tests.conftest import TestPKI
-    from tests.integration.conftest import ServerProc
+    from tests.integration.conftest import ServerFactory, ServerProc
 
 WAIT_S = 10.0
 RFC3339 = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
@@ -491,6 +491,50 @@ def test_no_answer_within_the_timeout_is_exit_3(cli: CLI) -> None:
     assert (run.code, run.out) == (3, b"")
     assert run.err == f"Error: cannot connect to 127.0.0.1:{port}: no answer within 0.5 s\n"
     assert elapsed < 5.0  # the timeout, not a hang (bounded loosely: a shared machine)
+
+
+# Ignores SIGTERM: a StopJob then waits out the whole grace period before its SIGKILL.
+IGNORES_SIGTERM = (
+    "import signal, time\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "print('ready', flush=True)\n"
+    "time.sleep(100)\n"
+)
+SLOW_GRACE_S = 4.0
+
+
+def test_a_call_unanswered_within_the_timeout_on_a_live_connection_is_exit_3(
+    server_factory: ServerFactory, test_pki: TestPKI, capfdbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """The connection is up (TLS and HTTP/2 done, the call sent) but the answer takes longer
+    than --timeout: a StopJob that waits out the grace period of a job ignoring SIGTERM."""
+    with server_factory("--stop-grace", str(SLOW_GRACE_S)) as srv:
+        channel = grpc.secure_channel(srv.address, grpc_credentials(test_pki, "admin-client"))
+        with channel:
+            stub = worker_pb2_grpc.JobServiceStub(channel)
+            job = stub.CreateJob(
+                worker_pb2.CreateJobReq(command="python3", args=["-c", IGNORES_SIGTERM]),
+                timeout=10,
+            )
+            wait_output(stub, job.id, b"ready\n")  # its SIGTERM handler is in place
+            capfdbinary.readouterr()
+            started = time.monotonic()
+            code = main(
+                [
+                    *("--server", srv.address, "--timeout", "0.5"),
+                    *("--cert", str(test_pki.cert("admin-client"))),
+                    *("--key", str(test_pki.key("admin-client")), "--ca", str(test_pki.ca_cert)),
+                    *("stop", job.id),
+                ]
+            )
+            elapsed = time.monotonic() - started
+            out, err = capfdbinary.readouterr()
+            assert (code, out) == (3, b"")
+            assert err.decode() == "Error: deadline exceeded: no answer within 0.5 s\n"
+            assert elapsed < SLOW_GRACE_S  # it gave up at its timeout, not at the answer
+            # The stop itself went on: SIGKILL once the grace period was over.
+            final = wait_ended(stub, job.id)
+            assert (final.status, final.exitCode) == ("STOPPED", 137)
 
 
 def test_wrong_ca_is_exit_3_with_verify_failed(cli: CLI, test_pki: TestPKI, tmp_path: Path) -> None:

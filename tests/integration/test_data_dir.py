@@ -4,6 +4,7 @@ one line and exit 2, and SIGTERM during a long load exits at once."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import grpc
 import pytest
 
 from jobworker.api import worker_pb2, worker_pb2_grpc
+from jobworker.cli import main as cli_main
 from jobworker.engine.model import JobRecord, JobStatus, Limits, utc_now
 from jobworker.engine.store import MAX_RECORD_BYTES, JobStore
 from tests.integration.conftest import (
@@ -84,12 +86,41 @@ def _oversized(path: Path) -> None:
     path.write_bytes(data[:-1] + b" " * (MAX_RECORD_BYTES + 1 - len(data)) + data[-1:])
 
 
+def _deeply_nested(path: Path) -> None:
+    # Far below the size cap: the JSON decoder gives up with RecursionError.
+    path.write_bytes(b"[" * 200_000)
+
+
+def _number_too_large_for_a_float(path: Path) -> None:
+    # Valid JSON and a valid integer: only its conversion to a float fails (OverflowError).
+    record = json.loads(path.read_bytes())
+    record["usage"]["cpu_time_s"] = 10**400
+    path.write_text(json.dumps(record))
+
+
+def _changed(**fields: object) -> Callable[[Path], None]:
+    """Rewrite the record with ``fields`` changed: valid JSON the server could not serve (a
+    GetJobs holding it would fail for everyone)."""
+
+    def change(path: Path) -> None:
+        record = json.loads(path.read_bytes())
+        record.update(fields)
+        path.write_text(json.dumps(record))
+
+    return change
+
+
 HOSTILE: dict[str, tuple[Callable[[Path], None], str]] = {
     "symlink to /dev/zero": (_symlink_to_dev_zero, "a symbolic link"),
     "fifo": (_fifo, "not a regular file"),
     "directory": (_directory, "not a regular file"),
     "another owner": (_other_owner, "owned by uid 12345"),
     "oversized": (_oversized, "more than a record can be"),
+    "deeply nested": (_deeply_nested, "maximum recursion depth exceeded"),
+    "number too large": (_number_too_large_for_a_float, "too large to convert to float"),
+    "exit code beyond int32": (_changed(exit_code=2**40), "does not fit a 32-bit field"),
+    "lone surrogate": (_changed(command="\ud800"), "surrogates not allowed"),
+    "date beyond UTC": (_changed(end_time="9999-12-31T23:59:59-01:00"), "date value out of range"),
 }
 
 
@@ -120,8 +151,31 @@ def test_a_record_that_is_not_a_small_file_of_ours_is_skipped_with_one_warning(
     assert why in warnings[0]
 
 
+def _stream_status(
+    test_pki: TestPKI, address: str, how: str, capfd: pytest.CaptureFixture[str]
+) -> tuple[object, str]:
+    """How a stream of job 1 ends: (status code, message) through grpcio (``follow``,
+    ``noFollow``), or (exit status, stderr) of ``jobworker stream --follow=false 1``."""
+    if how == "cli --follow=false":
+        capfd.readouterr()
+        code = cli_main(
+            [
+                *("--server", address, "--cert", str(test_pki.cert("admin-client"))),
+                *("--key", str(test_pki.key("admin-client")), "--ca", str(test_pki.ca_cert)),
+                *("stream", "--follow=false", "1"),
+            ]
+        )
+        return code, capfd.readouterr().err
+    channel, stub = stub_for(test_pki, address)
+    request = worker_pb2.GetJobsStreamReq(id="1", noFollow=how == "noFollow")
+    with channel, pytest.raises(grpc.RpcError) as lost:
+        list(stub.GetJobsStream(request, timeout=10))
+    return lost.value.code(), lost.value.details()
+
+
+@pytest.mark.parametrize("how", ["follow", "noFollow", "cli --follow=false"])
 def test_a_missing_output_log_is_reported_and_its_stream_ends_with_data_loss(
-    test_pki: TestPKI, tmp_path: Path
+    test_pki: TestPKI, tmp_path: Path, capfd: pytest.CaptureFixture[str], how: str
 ) -> None:
     store = JobStore(tmp_path / "data")
     write_job(store, finished("1"), output=None)
@@ -129,10 +183,11 @@ def test_a_missing_output_log_is_reported_and_its_stream_ends_with_data_loss(
         channel, stub = stub_for(test_pki, srv.address)
         with channel:
             assert stub.GetJob(worker_pb2.GetJobReq(id="1")).status == "COMPLETED"
-            with pytest.raises(grpc.RpcError) as lost:
-                list(stub.GetJobsStream(worker_pb2.GetJobsStreamReq(id="1"), timeout=10))
-            assert lost.value.code() == grpc.StatusCode.DATA_LOSS
-            assert lost.value.details() == "output of job 1 is missing"
+        ending = _stream_status(test_pki, srv.address, how, capfd)
+    if how == "cli --follow=false":
+        assert ending == (1, "Error: output of job 1 is missing\n")
+    else:
+        assert ending == (grpc.StatusCode.DATA_LOSS, "output of job 1 is missing")
     warnings = [line for line in srv.log_text().splitlines() if "output.log" in line]
     assert len(warnings) == 1, srv.log_text()
     assert " WARNING " in warnings[0]

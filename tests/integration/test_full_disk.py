@@ -4,10 +4,7 @@ a full disk refused are written once there is room again."""
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
-import os
 import re
 import subprocess
 import sys
@@ -20,8 +17,10 @@ import grpc
 import pytest
 
 from jobworker.api import worker_pb2, worker_pb2_grpc
+from jobworker.engine.model import JobRecord, JobStatus, Limits, utc_now
+from jobworker.engine.store import JobStore
 from tests.integration.conftest import ServerProc, start_server
-from tests.support import grpc_credentials, skip_unless
+from tests.support import fill, fill_completely, grpc_credentials, mounted_tmpfs
 
 if TYPE_CHECKING:
     from tests.conftest import TestPKI
@@ -35,41 +34,8 @@ DEADLINE_S = 20.0
 @pytest.fixture
 def tmpfs_data(tmp_path: Path) -> Iterator[Path]:
     """``tmp_path/data`` as a 20 MiB tmpfs, unmounted afterwards."""
-    skip_unless(os.geteuid() == 0, "mounting a tmpfs needs root")
-    data = tmp_path / "data"
-    data.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(data)], check=True)
-    try:
+    with mounted_tmpfs(tmp_path / "data") as data:
         yield data
-    finally:
-        subprocess.run(["umount", "-l", str(data)], check=False)
-
-
-def fill(path: Path) -> None:
-    """Write ``path`` until the disk is full (keeps what fitted)."""
-    block = b"\0" * 65536
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        while True:
-            try:
-                os.write(fd, block)
-            except OSError as exc:
-                if exc.errno != errno.ENOSPC:
-                    raise
-                break
-        with contextlib.suppress(OSError):
-            while os.write(fd, b"\0"):  # the last partial page
-                pass
-    finally:
-        os.close(fd)
-
-
-def fill_completely(data: Path) -> list[Path]:
-    """Fill the disk, the server's reserve included (as if something else had used it)."""
-    fill(data / "filler1")
-    (data / ".reserve").unlink(missing_ok=True)
-    fill(data / "filler2")
-    return [data / "filler1", data / "filler2"]
 
 
 def stub_for(
@@ -108,7 +74,7 @@ def stored(data: Path, job_id: str) -> dict[str, object]:
 
 
 def temp_files(data: Path) -> list[Path]:
-    return sorted(data.glob("jobs/*/.job.json.tmp"))
+    return sorted(data.glob("jobs/*/.job.json*.tmp"))
 
 
 def test_a_job_writing_more_than_the_disk_holds_ends_with_a_marker(
@@ -236,6 +202,44 @@ def test_a_final_record_the_full_disk_refused_is_written_once_there_is_room(
         with channel:
             job = stub.GetJob(worker_pb2.GetJobReq(id="1"))
             assert job.status == "STOPPED"  # not LOST: the final record reached the disk
+
+
+def test_a_lost_record_the_full_disk_refused_at_start_is_written_once_there_is_room(
+    test_pki: TestPKI, tmp_path: Path, tmpfs_data: Path
+) -> None:
+    # A job recorded RUNNING by a server that died: the next start marks it LOST, on a disk
+    # too full to take that record.
+    store = JobStore(tmpfs_data)
+    store.prepare("1")
+    running = JobRecord(
+        id="1",
+        command="sleep",
+        args=("1000",),
+        limits=Limits(cpu_percent=100, memory_mb=64, io_bps=0, pids_max=64),
+        status=JobStatus.RUNNING,
+        start_time=utc_now(),
+    )
+    store.save(running, durable=False)
+    store.output_path("1").touch()
+    fillers = fill_completely(tmpfs_data)
+    with start_server(test_pki, tmp_path, "--min-free-disk", FLOOR) as srv:
+        channel, stub = stub_for(test_pki, srv)
+        with channel:
+            assert stub.GetJob(worker_pb2.GetJobReq(id="1")).status == "LOST"
+            assert stored(tmpfs_data, "1")["status"] == "RUNNING"  # refused by the disk
+            for filler in fillers:
+                filler.unlink()
+            wait_for(lambda: stored(tmpfs_data, "1")["status"] == "LOST", "the retry")
+    refused = [line for line in srv.log_text().splitlines() if "LOST record" in line]
+    assert len(refused) == 1, srv.log_text()
+    assert " WARNING " in refused[0]
+    assert "Traceback" not in srv.log_text()
+    assert not temp_files(tmpfs_data)
+    with start_server(test_pki, tmp_path, "--min-free-disk", FLOOR) as again:
+        channel, stub = stub_for(test_pki, again)
+        with channel:
+            assert stub.GetJob(worker_pb2.GetJobReq(id="1")).status == "LOST"
+    assert "marked LOST" not in again.log_text()  # the record already said so
 
 
 def test_min_free_disk_is_in_the_help_and_a_negative_value_is_refused(tmp_path: Path) -> None:

@@ -124,6 +124,38 @@ def test_list_jobs_pages_through_large_jobs_each_page_within_the_limit(
     assert listed_ids(stub, newestFirst=True) == ["5", "4", "3", "2", "1"]
 
 
+def test_get_jobs_too_large_is_still_refused_after_a_restart(
+    server_factory: ServerFactory, test_pki: TestPKI
+) -> None:
+    """The same five 1 MB jobs, loaded from their records by a new server on the data dir."""
+    with server_factory() as first:
+        channel = grpc.secure_channel(first.address, grpc_credentials(test_pki, "admin-client"))
+        with channel:
+            stub = worker_pb2_grpc.JobServiceStub(channel)
+            for _ in range(BIG_JOBS):
+                job = stub.CreateJob(
+                    worker_pb2.CreateJobReq(command="/bin/true", args=[BIG_ARG] * 10), timeout=10
+                )
+                wait_ended(stub, job.id)
+    with server_factory("--data-dir", str(first.data_dir)) as second:
+        for stem in ("admin-client", "viewer-client"):
+            # Accepts more than the server may send: a listing sent whole would arrive here.
+            channel = grpc.secure_channel(
+                second.address,
+                grpc_credentials(test_pki, stem),
+                options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)],
+            )
+            with channel:
+                stub = worker_pb2_grpc.JobServiceStub(channel)
+                with pytest.raises(grpc.RpcError) as info:
+                    stub.GetJobs(worker_pb2.EmptyRequest(), timeout=10)
+                assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert info.value.details() == TOO_MANY
+                assert listed_ids(stub) == ["1", "2", "3", "4", "5"]
+    assert "5 jobs loaded" in second.log_text()
+    assert "Traceback" not in second.log_text()
+
+
 def cli_list_as_viewer(
     test_pki: TestPKI, server: ServerProc, capfdbinary: pytest.CaptureFixture[bytes]
 ) -> list[str]:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import re
 import resource
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,6 +17,7 @@ import grpc
 import pytest
 
 from jobworker.api import worker_pb2, worker_pb2_grpc
+from tests.support import server_command
 
 if TYPE_CHECKING:
     from tests.conftest import TestPKI
@@ -261,3 +264,59 @@ def test_the_open_file_limit_is_raised_to_the_hard_limit(server_factory: ServerF
         limits = Path(f"/proc/{srv.process.pid}/limits").read_text()
     [row] = [r for r in limits.splitlines() if r.startswith("Max open files")]
     assert row.split()[3] == str(hard)
+
+
+# Open-file limits (soft and hard) tried by the next test, from one the interpreter imports the
+# server with to one it runs with: on the way, each step of the start runs out of descriptors.
+FD_LIMITS = range(8, 65)
+START_S = 20.0  # a run that has neither listened nor exited by then hangs: a failure
+
+
+@pytest.mark.time_limit(180)
+def test_every_start_failure_is_one_line_and_exit_2_whatever_fails(
+    test_pki: TestPKI, tmp_path: Path
+) -> None:
+    """An open-file limit too low to start makes a different step fail at each value (trio's
+    own set-up, the data dir's lock, the listening socket, the reaper, the launcher): each
+    such failure before the server listens is one line and exit 2, never a CRITICAL
+    traceback and exit 1, however unexpected its exception."""
+    failures: dict[int, str] = {}
+    listened = None
+    for limit in FD_LIMITS:
+        log_path = tmp_path / f"server-{limit}.log"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                [
+                    *("prlimit", f"--nofile={limit}:{limit}"),
+                    *server_command(test_pki.dir, tmp_path / f"data-{limit}"),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                cwd=tmp_path,
+            )
+            deadline = time.monotonic() + START_S
+            try:
+                while proc.poll() is None and "listening on" not in log_path.read_text():
+                    assert time.monotonic() < deadline, log_path.read_text()
+                    time.sleep(0.02)
+            finally:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+                code = proc.wait(30)
+        text = log_path.read_text()
+        if "listening on" in text:
+            assert code == 0, text
+            listened = limit
+            break
+        lines = text.splitlines()
+        assert code == 2, f"limit {limit}: exit {code}\n{text}"
+        assert lines[-1].startswith("jobworker-server: "), text
+        assert sum(line.startswith("jobworker-server: ") for line in lines) == 1, text
+        assert "Traceback" not in text
+        assert "CRITICAL" not in text
+        failures[limit] = lines[-1]
+    assert listened is not None, failures
+    # Not only the failures that were always one line: some came from further in the start.
+    assert any("cannot use data dir" not in why for why in failures.values()), failures
+    assert any("cannot listen" not in why and "data dir" not in why for why in failures.values())

@@ -3,6 +3,7 @@ is not known reads -1 on the wire."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import time
@@ -13,6 +14,7 @@ import grpc
 import pytest
 
 from jobworker.api import worker_pb2, worker_pb2_grpc
+from tests.integration.conftest import SHUTDOWN_TIMEOUT_S, _cgroup_subtrees
 from tests.support import describe_processes, grpc_credentials, in_throttled_io, pid_alive
 
 if TYPE_CHECKING:
@@ -34,41 +36,71 @@ def _stub(
     return channel, worker_pb2_grpc.JobServiceStub(channel)
 
 
+def _job_held_in_throttled_io(
+    stub: worker_pb2_grpc.JobServiceStub, server: ServerProc
+) -> tuple[str, list[int]]:
+    """Start a dd whose direct write waits in the kernel for its 1 KiB/s IO throttle; return
+    its job id and the pids held (D state) once there are any."""
+    args = ["if=/dev/zero", "of=f", "bs=64k", "count=1", "oflag=direct"]
+    # The job's own start-up runs under its 1 KiB/s IO limit (placed first, then
+    # isolated and exec'd): whatever of dd is not in the page cache is read at that
+    # rate, which took over 30 s on a fresh machine. Read it in on the host first.
+    subprocess.run(["dd", "--version"], check=True, capture_output=True)
+    job = stub.CreateJob(
+        worker_pb2.CreateJobReq(command="dd", args=args, maxIOBPS=1024), timeout=60
+    )
+    held: list[int] = []
+
+    def dd_held() -> bool:
+        held[:] = [pid for pid in server.children() if in_throttled_io(pid, b"dd")]
+        return bool(held)
+
+    # Generous: this bound only ends a failing run, and the spawn into six v1 hierarchies
+    # waits in the kernel, longer on a loaded machine.
+    _poll(
+        dd_held,
+        30,
+        lambda: f"dd held by the IO throttle: {describe_processes(server.children())}",
+    )
+    return job.id, held
+
+
 @pytest.mark.time_limit(120)
 def test_stop_of_a_job_in_throttled_io_returns_at_once(
     server: ServerProc, test_pki: TestPKI
 ) -> None:
     channel, stub = _stub(test_pki, server)
     with channel:
-        args = ["if=/dev/zero", "of=f", "bs=64k", "count=1", "oflag=direct"]
-        # The job's own start-up runs under its 1 KiB/s IO limit (placed first, then
-        # isolated and exec'd): whatever of dd is not in the page cache is read at that
-        # rate, which took over 30 s on a fresh machine. Read it in on the host first.
-        subprocess.run(["dd", "--version"], check=True, capture_output=True)
-        job = stub.CreateJob(
-            worker_pb2.CreateJobReq(command="dd", args=args, maxIOBPS=1024), timeout=60
-        )
-        held: list[int] = []
-
-        def dd_held() -> bool:
-            held[:] = [pid for pid in server.children() if in_throttled_io(pid, b"dd")]
-            return bool(held)
-
-        # Generous: this bound only ends a failing run, and the spawn into six v1 hierarchies
-        # waits in the kernel, longer on a loaded machine.
-        _poll(
-            dd_held,
-            30,
-            lambda: f"dd held by the IO throttle: {describe_processes(server.children())}",
-        )
+        job_id, held = _job_held_in_throttled_io(stub, server)
         started = time.monotonic()
-        stopped = stub.StopJob(worker_pb2.StopJobReq(id=job.id), timeout=10)
+        stopped = stub.StopJob(worker_pb2.StopJobReq(id=job_id), timeout=10)
         took = time.monotonic() - started
         assert took < 3.0  # a correctness bound: without lifting the throttle, over ten seconds
         assert stopped.status == "STOPPED"
         assert stopped.exitCode in (137, 143)
-        assert stub.GetJob(worker_pb2.GetJobReq(id=job.id), timeout=5).status == "STOPPED"
+        assert stub.GetJob(worker_pb2.GetJobReq(id=job_id), timeout=5).status == "STOPPED"
         assert not any(pid_alive(pid) for pid in held)
+
+
+@pytest.mark.time_limit(120)
+def test_a_shutdown_during_throttled_io_leaves_no_process_and_no_cgroup(
+    server_factory: ServerFactory, test_pki: TestPKI
+) -> None:
+    with server_factory() as srv:
+        channel, stub = _stub(test_pki, srv)
+        with channel:
+            job_id, held = _job_held_in_throttled_io(stub, srv)
+        everything = srv.children()  # read while the server lives: who they are
+        started = time.monotonic()
+        code = srv.stop()  # SIGTERM; fails after SHUTDOWN_TIMEOUT_S
+        took = time.monotonic() - started
+    assert code == 0, srv.log_text()
+    assert took < SHUTDOWN_TIMEOUT_S
+    assert set(held) <= set(everything)
+    assert not [pid for pid in everything if pid_alive(pid)]
+    assert not _cgroup_subtrees(srv.data_dir)
+    record = json.loads((srv.data_dir / "jobs" / job_id / "job.json").read_bytes())
+    assert (record["status"], record["reason"]) == ("STOPPED", "worker shutdown")
 
 
 def test_an_unknown_exit_code_reads_minus_one(

@@ -46,6 +46,18 @@ def busy_job(admin: worker_pb2_grpc.JobServiceStub) -> str:
     return job.id
 
 
+def wait_for_output_beyond(admin: worker_pb2_grpc.JobServiceStub, job_id: str, size: int) -> None:
+    """Follow the job's output until it holds more than ``size`` bytes, then cancel."""
+    stream = admin.GetJobsStream(worker_pb2.GetJobsStreamReq(id=job_id), timeout=HANG_GUARD_S)
+    seen = 0
+    for chunk in stream:
+        seen += len(chunk.payload)
+        if seen > size:
+            break
+    stream.cancel()
+    assert seen > size
+
+
 def whole_output(admin: worker_pb2_grpc.JobServiceStub, job_id: str) -> bytes:
     admin.StopJob(worker_pb2.StopJobReq(id=job_id), timeout=10)
     request = worker_pb2.GetJobsStreamReq(id=job_id)
@@ -63,6 +75,9 @@ def test_no_follow_sends_what_exists_at_open_and_ends_while_the_job_writes_on(
     assert received.startswith(b"line 0\n")
     assert b"END" not in received
     assert received.endswith(b"\n")  # the job writes whole lines: a cut would show
+    # Let it write past what was sent: under its CPU quota, a job just started can be held
+    # for tens of milliseconds, longer than the RPCs above take.
+    wait_for_output_beyond(admin, job_id, len(received))
     whole = whole_output(admin, job_id)
     assert whole.startswith(received)
     assert len(whole) > len(received)  # the stream ended while the job wrote on
