@@ -27,6 +27,7 @@ def test_pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
     now = dt.datetime.now(dt.UTC)
     pki.write_pair(directory, "noou-client", ca.issue_client("nobody", None))
     pki.write_pair(directory, "guest-client", ca.issue_client("guest", "guest"))
+    pki.write_pair(directory, "alice-client", ca.issue_client("alice", "admin"))
     pki.write_pair(
         directory,
         "expired-client",

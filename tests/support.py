@@ -30,7 +30,8 @@ class TestPKI:
 
     ``dir`` holds ca-cert.pem, server-*.pem, admin-client-*, viewer-client-*,
     client-* (admin). Extra pairs, all as <stem>-cert.pem / <stem>-key.pem in
-    ``dir``: ``noou-client`` (no OU), ``guest-client`` (OU=guest),
+    ``dir``: ``noou-client`` (no OU), ``guest-client`` (OU=guest), ``alice-client``
+    (CN alice, OU=admin: a second admin),
     ``expired-client`` (expired yesterday), ``foreign-client`` (signed by
     another CA, OU=admin).
     """

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cworker.proto\x12\njob_worker\"\xab\x01\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x02 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x03 \x03(\t\x12\x0e\n\x06maxCPU\x18\x04 \x01(\x05\x12\x11\n\tmaxMemory\x18\x05 \x01(\x05\x12\x10\n\x08maxIOBPS\x18\x06 \x01(\x05\x12\x0e\n\x06status\x18\x07 \x01(\t\x12\x11\n\tstartTime\x18\x08 \x01(\t\x12\x0f\n\x07\x65ndTime\x18\t \x01(\t\x12\x10\n\x08\x65xitCode\x18\n \x01(\x05\"b\n\x0c\x43reateJobReq\x12\x0f\n\x07\x63ommand\x18\x01 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x02 \x03(\t\x12\x0e\n\x06maxCPU\x18\x03 \x01(\x05\x12\x11\n\tmaxMemory\x18\x04 \x01(\x05\x12\x10\n\x08maxIOBPS\x18\x05 \x01(\x05\"\xb4\x01\n\x0c\x43reateJobRes\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x02 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x03 \x03(\t\x12\x0e\n\x06maxCPU\x18\x04 \x01(\x05\x12\x11\n\tmaxMemory\x18\x05 \x01(\x05\x12\x10\n\x08maxIOBPS\x18\x06 \x01(\x05\x12\x0e\n\x06status\x18\x07 \x01(\t\x12\x11\n\tstartTime\x18\x08 \x01(\t\x12\x0f\n\x07\x65ndTime\x18\t \x01(\t\x12\x10\n\x08\x65xitCode\x18\n \x01(\x05\"\x17\n\tGetJobReq\x12\n\n\x02id\x18\x01 \x01(\t\"\xb1\x01\n\tGetJobRes\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x02 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x03 \x03(\t\x12\x0e\n\x06maxCPU\x18\x04 \x01(\x05\x12\x11\n\tmaxMemory\x18\x05 \x01(\x05\x12\x10\n\x08maxIOBPS\x18\x06 \x01(\x05\x12\x0e\n\x06status\x18\x07 \x01(\t\x12\x11\n\tstartTime\x18\x08 \x01(\t\x12\x0f\n\x07\x65ndTime\x18\t \x01(\t\x12\x10\n\x08\x65xitCode\x18\n \x01(\x05\"\x18\n\nStopJobReq\x12\n\n\x02id\x18\x01 \x01(\t\"K\n\nStopJobRes\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0f\n\x07\x65ndTime\x18\x03 \x01(\t\x12\x10\n\x08\x65xitCode\x18\x04 \x01(\x05\"\x0e\n\x0c\x45mptyRequest\"%\n\x04Jobs\x12\x1d\n\x04jobs\x18\x01 \x03(\x0b\x32\x0f.job_worker.Job\"0\n\x10GetJobsStreamReq\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08noFollow\x18\x02 \x01(\x08\"\x1c\n\tDataChunk\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"f\n\x0bListJobsReq\x12\x10\n\x08pageSize\x18\x01 \x01(\x05\x12\x11\n\tpageToken\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x03(\t\x12\r\n\x05owner\x18\x04 \x01(\t\x12\x13\n\x0bnewestFirst\x18\x05 \x01(\x08\"C\n\x0bListJobsRes\x12\x1d\n\x04jobs\x18\x01 \x03(\x0b\x32\x0f.job_worker.Job\x12\x15\n\rnextPageToken\x18\x02 \x01(\t2\xfd\x02\n\nJobService\x12?\n\tCreateJob\x12\x18.job_worker.CreateJobReq\x1a\x18.job_worker.CreateJobRes\x12\x36\n\x06GetJob\x12\x15.job_worker.GetJobReq\x1a\x15.job_worker.GetJobRes\x12\x39\n\x07StopJob\x12\x16.job_worker.StopJobReq\x1a\x16.job_worker.StopJobRes\x12\x35\n\x07GetJobs\x12\x18.job_worker.EmptyRequest\x1a\x10.job_worker.Jobs\x12\x46\n\rGetJobsStream\x12\x1c.job_worker.GetJobsStreamReq\x1a\x15.job_worker.DataChunk0\x01\x12<\n\x08ListJobs\x12\x17.job_worker.ListJobsReq\x1a\x17.job_worker.ListJobsResB\"Z github.com/jobworker/api/gen;genb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cworker.proto\x12\njob_worker\"\xef\x01\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x02 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x03 \x03(\t\x12\x0e\n\x06maxCPU\x18\x04 \x01(\x05\x12\x11\n\tmaxMemory\x18\x05 \x01(\x05\x12\x10\n\x08maxIOBPS\x18\x06 \x01(\x05\x12\x0e\n\x06status\x18\x07 \x01(\t\x12\x11\n\tstartTime\x18\x08 \x01(\t\x12\x0f\n\x07\x65ndTime\x18\t \x01(\t\x12\x10\n\x08\x65xitCode\x18\n \x01(\x05\x12\x0e\n\x06reason\x18\x0b \x01(\t\x12\r\n\x05owner\x18\x0c \x01(\t\x12#\n\x05usage\x18\r \x01(\x0b\x32\x14.job_worker.JobUsage\"w\n\x08JobUsage\x12\x12\n\ncpuSeconds\x18\x01 \x01(\x01\x12\x17\n\x0fpeakMemoryBytes\x18\x02 \x01(\x03\x12\x13\n\x0boutputBytes\x18\x03 \x01(\x03\x12\x13\n\x0bioReadBytes\x18\x04 \x01(\x03\x12\x14\n\x0cioWriteBytes\x18\x05 \x01(\x03\"b\n\x0c\x43reateJobReq\x12\x0f\n\x07\x63ommand\x18\x01 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x02 \x03(\t\x12\x0e\n\x06maxCPU\x18\x03 \x01(\x05\x12\x11\n\tmaxMemory\x18\x04 \x01(\x05\x12\x10\n\x08maxIOBPS\x18\x05 \x01(\x05\"\xf8\x01\n\x0c\x43reateJobRes\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x02 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x03 \x03(\t\x12\x0e\n\x06maxCPU\x18\x04 \x01(\x05\x12\x11\n\tmaxMemory\x18\x05 \x01(\x05\x12\x10\n\x08maxIOBPS\x18\x06 \x01(\x05\x12\x0e\n\x06status\x18\x07 \x01(\t\x12\x11\n\tstartTime\x18\x08 \x01(\t\x12\x0f\n\x07\x65ndTime\x18\t \x01(\t\x12\x10\n\x08\x65xitCode\x18\n \x01(\x05\x12\x0e\n\x06reason\x18\x0b \x01(\t\x12\r\n\x05owner\x18\x0c \x01(\t\x12#\n\x05usage\x18\r \x01(\x0b\x32\x14.job_worker.JobUsage\"\x17\n\tGetJobReq\x12\n\n\x02id\x18\x01 \x01(\t\"\xf5\x01\n\tGetJobRes\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x02 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x03 \x03(\t\x12\x0e\n\x06maxCPU\x18\x04 \x01(\x05\x12\x11\n\tmaxMemory\x18\x05 \x01(\x05\x12\x10\n\x08maxIOBPS\x18\x06 \x01(\x05\x12\x0e\n\x06status\x18\x07 \x01(\t\x12\x11\n\tstartTime\x18\x08 \x01(\t\x12\x0f\n\x07\x65ndTime\x18\t \x01(\t\x12\x10\n\x08\x65xitCode\x18\n \x01(\x05\x12\x0e\n\x06reason\x18\x0b \x01(\t\x12\r\n\x05owner\x18\x0c \x01(\t\x12#\n\x05usage\x18\r \x01(\x0b\x32\x14.job_worker.JobUsage\"\x18\n\nStopJobReq\x12\n\n\x02id\x18\x01 \x01(\t\"\x80\x01\n\nStopJobRes\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0f\n\x07\x65ndTime\x18\x03 \x01(\t\x12\x10\n\x08\x65xitCode\x18\x04 \x01(\x05\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12#\n\x05usage\x18\x06 \x01(\x0b\x32\x14.job_worker.JobUsage\"\x0e\n\x0c\x45mptyRequest\"%\n\x04Jobs\x12\x1d\n\x04jobs\x18\x01 \x03(\x0b\x32\x0f.job_worker.Job\"0\n\x10GetJobsStreamReq\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08noFollow\x18\x02 \x01(\x08\"\x1c\n\tDataChunk\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"f\n\x0bListJobsReq\x12\x10\n\x08pageSize\x18\x01 \x01(\x05\x12\x11\n\tpageToken\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x03(\t\x12\r\n\x05owner\x18\x04 \x01(\t\x12\x13\n\x0bnewestFirst\x18\x05 \x01(\x08\"C\n\x0bListJobsRes\x12\x1d\n\x04jobs\x18\x01 \x03(\x0b\x32\x0f.job_worker.Job\x12\x15\n\rnextPageToken\x18\x02 \x01(\t2\xfd\x02\n\nJobService\x12?\n\tCreateJob\x12\x18.job_worker.CreateJobReq\x1a\x18.job_worker.CreateJobRes\x12\x36\n\x06GetJob\x12\x15.job_worker.GetJobReq\x1a\x15.job_worker.GetJobRes\x12\x39\n\x07StopJob\x12\x16.job_worker.StopJobReq\x1a\x16.job_worker.StopJobRes\x12\x35\n\x07GetJobs\x12\x18.job_worker.EmptyRequest\x1a\x10.job_worker.Jobs\x12\x46\n\rGetJobsStream\x12\x1c.job_worker.GetJobsStreamReq\x1a\x15.job_worker.DataChunk0\x01\x12<\n\x08ListJobs\x12\x17.job_worker.ListJobsReq\x1a\x17.job_worker.ListJobsResB\"Z github.com/jobworker/api/gen;genb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,31 +33,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z github.com/jobworker/api/gen;gen'
   _globals['_JOB']._serialized_start=29
-  _globals['_JOB']._serialized_end=200
-  _globals['_CREATEJOBREQ']._serialized_start=202
-  _globals['_CREATEJOBREQ']._serialized_end=300
-  _globals['_CREATEJOBRES']._serialized_start=303
-  _globals['_CREATEJOBRES']._serialized_end=483
-  _globals['_GETJOBREQ']._serialized_start=485
-  _globals['_GETJOBREQ']._serialized_end=508
-  _globals['_GETJOBRES']._serialized_start=511
-  _globals['_GETJOBRES']._serialized_end=688
-  _globals['_STOPJOBREQ']._serialized_start=690
-  _globals['_STOPJOBREQ']._serialized_end=714
-  _globals['_STOPJOBRES']._serialized_start=716
-  _globals['_STOPJOBRES']._serialized_end=791
-  _globals['_EMPTYREQUEST']._serialized_start=793
-  _globals['_EMPTYREQUEST']._serialized_end=807
-  _globals['_JOBS']._serialized_start=809
-  _globals['_JOBS']._serialized_end=846
-  _globals['_GETJOBSSTREAMREQ']._serialized_start=848
-  _globals['_GETJOBSSTREAMREQ']._serialized_end=896
-  _globals['_DATACHUNK']._serialized_start=898
-  _globals['_DATACHUNK']._serialized_end=926
-  _globals['_LISTJOBSREQ']._serialized_start=928
-  _globals['_LISTJOBSREQ']._serialized_end=1030
-  _globals['_LISTJOBSRES']._serialized_start=1032
-  _globals['_LISTJOBSRES']._serialized_end=1099
-  _globals['_JOBSERVICE']._serialized_start=1102
-  _globals['_JOBSERVICE']._serialized_end=1483
+  _globals['_JOB']._serialized_end=268
+  _globals['_JOBUSAGE']._serialized_start=270
+  _globals['_JOBUSAGE']._serialized_end=389
+  _globals['_CREATEJOBREQ']._serialized_start=391
+  _globals['_CREATEJOBREQ']._serialized_end=489
+  _globals['_CREATEJOBRES']._serialized_start=492
+  _globals['_CREATEJOBRES']._serialized_end=740
+  _globals['_GETJOBREQ']._serialized_start=742
+  _globals['_GETJOBREQ']._serialized_end=765
+  _globals['_GETJOBRES']._serialized_start=768
+  _globals['_GETJOBRES']._serialized_end=1013
+  _globals['_STOPJOBREQ']._serialized_start=1015
+  _globals['_STOPJOBREQ']._serialized_end=1039
+  _globals['_STOPJOBRES']._serialized_start=1042
+  _globals['_STOPJOBRES']._serialized_end=1170
+  _globals['_EMPTYREQUEST']._serialized_start=1172
+  _globals['_EMPTYREQUEST']._serialized_end=1186
+  _globals['_JOBS']._serialized_start=1188
+  _globals['_JOBS']._serialized_end=1225
+  _globals['_GETJOBSSTREAMREQ']._serialized_start=1227
+  _globals['_GETJOBSSTREAMREQ']._serialized_end=1275
+  _globals['_DATACHUNK']._serialized_start=1277
+  _globals['_DATACHUNK']._serialized_end=1305
+  _globals['_LISTJOBSREQ']._serialized_start=1307
+  _globals['_LISTJOBSREQ']._serialized_end=1409
+  _globals['_LISTJOBSRES']._serialized_start=1411
+  _globals['_LISTJOBSRES']._serialized_end=1478
+  _globals['_JOBSERVICE']._serialized_start=1481
+  _globals['_JOBSERVICE']._serialized_end=1862
 # @@protoc_insertion_point(module_scope)

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Job(_message.Message):
-    __slots__ = ("id", "command", "args", "maxCPU", "maxMemory", "maxIOBPS", "status", "startTime", "endTime", "exitCode")
+    __slots__ = ("id", "command", "args", "maxCPU", "maxMemory", "maxIOBPS", "status", "startTime", "endTime", "exitCode", "reason", "owner", "usage")
     ID_FIELD_NUMBER: _ClassVar[int]
     COMMAND_FIELD_NUMBER: _ClassVar[int]
     ARGS_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,9 @@ class Job(_message.Message):
     STARTTIME_FIELD_NUMBER: _ClassVar[int]
     ENDTIME_FIELD_NUMBER: _ClassVar[int]
     EXITCODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
     id: str
     command: str
     args: _containers.RepeatedScalarFieldContainer[str]
@@ -28,7 +31,24 @@ class Job(_message.Message):
     startTime: str
     endTime: str
     exitCode: int
-    def __init__(self, id: _Optional[str] = ..., command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., maxCPU: _Optional[int] = ..., maxMemory: _Optional[int] = ..., maxIOBPS: _Optional[int] = ..., status: _Optional[str] = ..., startTime: _Optional[str] = ..., endTime: _Optional[str] = ..., exitCode: _Optional[int] = ...) -> None: ...
+    reason: str
+    owner: str
+    usage: JobUsage
+    def __init__(self, id: _Optional[str] = ..., command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., maxCPU: _Optional[int] = ..., maxMemory: _Optional[int] = ..., maxIOBPS: _Optional[int] = ..., status: _Optional[str] = ..., startTime: _Optional[str] = ..., endTime: _Optional[str] = ..., exitCode: _Optional[int] = ..., reason: _Optional[str] = ..., owner: _Optional[str] = ..., usage: _Optional[_Union[JobUsage, _Mapping]] = ...) -> None: ...
+
+class JobUsage(_message.Message):
+    __slots__ = ("cpuSeconds", "peakMemoryBytes", "outputBytes", "ioReadBytes", "ioWriteBytes")
+    CPUSECONDS_FIELD_NUMBER: _ClassVar[int]
+    PEAKMEMORYBYTES_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTBYTES_FIELD_NUMBER: _ClassVar[int]
+    IOREADBYTES_FIELD_NUMBER: _ClassVar[int]
+    IOWRITEBYTES_FIELD_NUMBER: _ClassVar[int]
+    cpuSeconds: float
+    peakMemoryBytes: int
+    outputBytes: int
+    ioReadBytes: int
+    ioWriteBytes: int
+    def __init__(self, cpuSeconds: _Optional[float] = ..., peakMemoryBytes: _Optional[int] = ..., outputBytes: _Optional[int] = ..., ioReadBytes: _Optional[int] = ..., ioWriteBytes: _Optional[int] = ...) -> None: ...
 
 class CreateJobReq(_message.Message):
     __slots__ = ("command", "args", "maxCPU", "maxMemory", "maxIOBPS")
@@ -45,7 +65,7 @@ class CreateJobReq(_message.Message):
     def __init__(self, command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., maxCPU: _Optional[int] = ..., maxMemory: _Optional[int] = ..., maxIOBPS: _Optional[int] = ...) -> None: ...
 
 class CreateJobRes(_message.Message):
-    __slots__ = ("id", "command", "args", "maxCPU", "maxMemory", "maxIOBPS", "status", "startTime", "endTime", "exitCode")
+    __slots__ = ("id", "command", "args", "maxCPU", "maxMemory", "maxIOBPS", "status", "startTime", "endTime", "exitCode", "reason", "owner", "usage")
     ID_FIELD_NUMBER: _ClassVar[int]
     COMMAND_FIELD_NUMBER: _ClassVar[int]
     ARGS_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +76,9 @@ class CreateJobRes(_message.Message):
     STARTTIME_FIELD_NUMBER: _ClassVar[int]
     ENDTIME_FIELD_NUMBER: _ClassVar[int]
     EXITCODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
     id: str
     command: str
     args: _containers.RepeatedScalarFieldContainer[str]
@@ -66,7 +89,10 @@ class CreateJobRes(_message.Message):
     startTime: str
     endTime: str
     exitCode: int
-    def __init__(self, id: _Optional[str] = ..., command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., maxCPU: _Optional[int] = ..., maxMemory: _Optional[int] = ..., maxIOBPS: _Optional[int] = ..., status: _Optional[str] = ..., startTime: _Optional[str] = ..., endTime: _Optional[str] = ..., exitCode: _Optional[int] = ...) -> None: ...
+    reason: str
+    owner: str
+    usage: JobUsage
+    def __init__(self, id: _Optional[str] = ..., command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., maxCPU: _Optional[int] = ..., maxMemory: _Optional[int] = ..., maxIOBPS: _Optional[int] = ..., status: _Optional[str] = ..., startTime: _Optional[str] = ..., endTime: _Optional[str] = ..., exitCode: _Optional[int] = ..., reason: _Optional[str] = ..., owner: _Optional[str] = ..., usage: _Optional[_Union[JobUsage, _Mapping]] = ...) -> None: ...
 
 class GetJobReq(_message.Message):
     __slots__ = ("id",)
@@ -75,7 +101,7 @@ class GetJobReq(_message.Message):
     def __init__(self, id: _Optional[str] = ...) -> None: ...
 
 class GetJobRes(_message.Message):
-    __slots__ = ("id", "command", "args", "maxCPU", "maxMemory", "maxIOBPS", "status", "startTime", "endTime", "exitCode")
+    __slots__ = ("id", "command", "args", "maxCPU", "maxMemory", "maxIOBPS", "status", "startTime", "endTime", "exitCode", "reason", "owner", "usage")
     ID_FIELD_NUMBER: _ClassVar[int]
     COMMAND_FIELD_NUMBER: _ClassVar[int]
     ARGS_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +112,9 @@ class GetJobRes(_message.Message):
     STARTTIME_FIELD_NUMBER: _ClassVar[int]
     ENDTIME_FIELD_NUMBER: _ClassVar[int]
     EXITCODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
     id: str
     command: str
     args: _containers.RepeatedScalarFieldContainer[str]
@@ -96,7 +125,10 @@ class GetJobRes(_message.Message):
     startTime: str
     endTime: str
     exitCode: int
-    def __init__(self, id: _Optional[str] = ..., command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., maxCPU: _Optional[int] = ..., maxMemory: _Optional[int] = ..., maxIOBPS: _Optional[int] = ..., status: _Optional[str] = ..., startTime: _Optional[str] = ..., endTime: _Optional[str] = ..., exitCode: _Optional[int] = ...) -> None: ...
+    reason: str
+    owner: str
+    usage: JobUsage
+    def __init__(self, id: _Optional[str] = ..., command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., maxCPU: _Optional[int] = ..., maxMemory: _Optional[int] = ..., maxIOBPS: _Optional[int] = ..., status: _Optional[str] = ..., startTime: _Optional[str] = ..., endTime: _Optional[str] = ..., exitCode: _Optional[int] = ..., reason: _Optional[str] = ..., owner: _Optional[str] = ..., usage: _Optional[_Union[JobUsage, _Mapping]] = ...) -> None: ...
 
 class StopJobReq(_message.Message):
     __slots__ = ("id",)
@@ -105,16 +137,20 @@ class StopJobReq(_message.Message):
     def __init__(self, id: _Optional[str] = ...) -> None: ...
 
 class StopJobRes(_message.Message):
-    __slots__ = ("id", "status", "endTime", "exitCode")
+    __slots__ = ("id", "status", "endTime", "exitCode", "reason", "usage")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     ENDTIME_FIELD_NUMBER: _ClassVar[int]
     EXITCODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
     id: str
     status: str
     endTime: str
     exitCode: int
-    def __init__(self, id: _Optional[str] = ..., status: _Optional[str] = ..., endTime: _Optional[str] = ..., exitCode: _Optional[int] = ...) -> None: ...
+    reason: str
+    usage: JobUsage
+    def __init__(self, id: _Optional[str] = ..., status: _Optional[str] = ..., endTime: _Optional[str] = ..., exitCode: _Optional[int] = ..., reason: _Optional[str] = ..., usage: _Optional[_Union[JobUsage, _Mapping]] = ...) -> None: ...
 
 class EmptyRequest(_message.Message):
     __slots__ = ()

@@ -67,7 +67,8 @@ def created(job: worker_pb2.CreateJobRes) -> str:
 
 
 def job_details(job: worker_pb2.GetJobRes) -> str:
-    """The spec's "Id: ..." block, plus ExitCode once the job has ended."""
+    """The spec's "Id: ..." block, plus ExitCode once the job has ended, then what the server
+    says beyond the spec: Reason and Owner when it sends them, and Usage."""
     text = (
         f"Id: {escape(job.id)}\n"
         f"Command: {command_line(job.command, job.args)}\n"
@@ -80,6 +81,16 @@ def job_details(job: worker_pb2.GetJobRes) -> str:
     )
     if job.status in ENDED_STATUSES:
         text += f"ExitCode: {job.exitCode}\n"
+    if job.reason:
+        text += f"Reason: {escape(job.reason)}\n"
+    if job.owner:
+        text += f"Owner: {escape(job.owner)}\n"
+    if job.HasField("usage"):
+        usage = job.usage
+        text += (
+            f"Usage: cpu {usage.cpuSeconds:.2f} s, peak memory "
+            f"{usage.peakMemoryBytes / 1e6:.1f} MB, output {usage.outputBytes:,} bytes\n"
+        )
     return text
 
 

@@ -195,6 +195,7 @@ class JobManager:
             limits=limits,
             status=JobStatus.INITIALIZING,
             start_time=utc_now(),
+            owner=spec.owner,
         )
         job = SupervisedJob(
             record,

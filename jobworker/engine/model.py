@@ -52,13 +52,15 @@ class JobStatus(enum.StrEnum):
 
 @dataclass(frozen=True)
 class JobSpec:
-    """What a client asks for. Zero limits mean "the default"; validation fills them in."""
+    """What a client asks for, and who asks (``owner``: the CN of its certificate). Zero
+    limits mean "the default"; validation fills them in."""
 
     command: str
     args: tuple[str, ...] = ()
     max_cpu: int = 0
     max_memory: int = 0
     max_iobps: int = 0
+    owner: str = ""
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,8 @@ class JobRecord:
     while the job runs (the API shows 0). ``reason`` is for people:
     "exited with status 3", "stopped by request", "killed by signal 9",
     "out of memory (limit 50 MB)", "could not start: ...",
-    "worker restarted while the job was running", "worker shutdown".
+    "worker restarted while the job was running", "worker shutdown". ``owner`` is who
+    created it (empty for records from before owners were kept).
     """
 
     id: str
@@ -84,6 +87,7 @@ class JobRecord:
     reason: str = ""
     usage: Usage = field(default_factory=Usage)
     output_bytes: int = 0
+    owner: str = ""
 
 
 def utc_now() -> dt.datetime:

@@ -88,6 +88,7 @@ def record_to_json(record: JobRecord) -> dict[str, Any]:
             "oom_kills": record.usage.oom_kills,
         },
         "output_bytes": record.output_bytes,
+        "owner": record.owner,
     }
 
 
@@ -173,6 +174,7 @@ def record_from_json(data: dict[str, Any]) -> JobRecord:
             oom_kills=_int(usage.get("oom_kills", 0)),
         ),
         output_bytes=_int(data.get("output_bytes", 0)),
+        owner=_str(data.get("owner", "")),
     )
 
 

@@ -30,6 +30,7 @@ from jobworker import logtext
 from jobworker.errors import RpcError, unwrap
 from jobworker.server.auth import authorize, operation_name, rule_for
 from jobworker.server.config import ConnectionLimits
+from jobworker.server.context import CallContext
 from jobworker.server.errors import status_for
 from jobworker.server.identity import Identity
 from jobworker.server.service import Method
@@ -211,7 +212,14 @@ class ConnectionHandler:
                 stream.cancel_scope = rpc_scope
                 if stream.reset_by_peer or stream.closing:  # happened before we got here
                     rpc_scope.cancel()
-                status = await self._call(stream, first, identity, call)
+                context = CallContext(
+                    identity=identity,
+                    service=first.service_name,
+                    method=first.method_name,
+                    deadline=rpc_scope.deadline,
+                    peer=remote,
+                )
+                status = await self._call(stream, first, context, call)
             if rpc_scope.cancelled_caught:
                 if stream.reset_by_peer:
                     status = Status(StatusCode.CANCELLED, "cancelled by the client")
@@ -236,16 +244,17 @@ class ConnectionHandler:
                 self._observe_rpc(service, method, call.code, elapsed)
 
     async def _call(
-        self, stream: ServerStream, request: RequestReceived, identity: Identity, call: CallRecord
+        self, stream: ServerStream, request: RequestReceived, context: CallContext, call: CallRecord
     ) -> Status:
-        """Authorize, parse, run the servicer, send the response; return the final status.
+        """Authorize, parse, run the servicer with the call's context, send the response;
+        return the final status.
 
         Every Exception is turned into a status here (the RPC edge); Cancelled propagates.
         """
         try:
             method = self._lookup(request)
             call.known = True
-            authorize(identity, request.service_name, request.method_name)
+            authorize(context.identity, request.service_name, request.method_name)
             receive = self._receiver(stream, method.request_type)
 
             async def send(response: Message) -> None:
@@ -254,16 +263,16 @@ class ConnectionHandler:
                 await stream.send_message(response)
 
             if method.bidi is not None:
-                await method.bidi(receive, send)
+                await method.bidi(receive, send, context)
                 return Status(StatusCode.OK)
             message = await _one_request(receive)
             call.job_id = str(getattr(message, "id", ""))
             if method.unary is not None:
-                response = await method.unary(message)
+                response = await method.unary(message, context)
                 call.job_id = call.job_id or str(getattr(response, "id", ""))
                 await send(response)
             elif method.stream is not None:
-                await method.stream(message, send)
+                await method.stream(message, send, context)
             return Status(StatusCode.OK)
         except Exception as exc:
             return status_for(exc)

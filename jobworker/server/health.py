@@ -20,6 +20,7 @@ from purerpc.grpclib.status import StatusCode
 
 from jobworker.errors import RpcError, echo
 from jobworker.server.auth import HEALTH_SERVICE
+from jobworker.server.context import CallContext
 from jobworker.server.service import Method, SendMessage
 from jobworker.wire.contract import SERVICE_NAME
 
@@ -86,19 +87,19 @@ class Health:
     def _lookup(self, service: str) -> ServingStatus:
         return self._status if service in SERVICE_NAMES else SERVICE_UNKNOWN
 
-    async def check(self, request: Any) -> Any:
+    async def check(self, request: Any, context: CallContext) -> Any:
         status = self._lookup(request.service)
         if status == SERVICE_UNKNOWN:
             raise RpcError(StatusCode.NOT_FOUND, f"unknown service: {echo(request.service)}")
         return health_pb2.HealthCheckResponse(status=status)
 
-    async def list(self, request: Any) -> Any:
+    async def list(self, request: Any, context: CallContext) -> Any:
         response = health_pb2.HealthListResponse()
         for name in SERVICE_NAMES:
             response.statuses[name].status = self._status
         return response
 
-    async def watch(self, request: Any, send: SendMessage) -> None:
+    async def watch(self, request: Any, send: SendMessage, context: CallContext) -> None:
         """The current status at once, then every change, until the client leaves (or the
         connection closes). A watcher that does not read blocks only itself, on flow
         control; on cancellation it is forgotten."""

@@ -49,6 +49,7 @@ class PageRequest:
     after: int | None  # the last id of the previous page; None for the first page
     statuses: frozenset[JobStatus]
     newest_first: bool
+    owner: str = ""  # only this CN's jobs; "" for every owner
 
     @classmethod
     def parse(
@@ -63,14 +64,10 @@ class PageRequest:
         field at fault."""
         if page_size < 0:
             raise _invalid(f"pageSize must not be negative: {page_size}")
-        if owner:
-            raise _invalid(
-                "filtering by owner is not supported: this server does not record job owners yet"
-            )
         wanted = frozenset(_status(name) for name in statuses)
         after = _decode_token(page_token, newest_first) if page_token else None
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        return cls(size=size, after=after, statuses=wanted, newest_first=newest_first)
+        return cls(size=size, after=after, statuses=wanted, newest_first=newest_first, owner=owner)
 
 
 def page(
@@ -93,6 +90,8 @@ def page(
     last = ""
     for record in candidates:
         if request.statuses and record.status not in request.statuses:
+            continue
+        if request.owner and record.owner != request.owner:
             continue
         if len(parts) == request.size:
             return b"".join(parts), _encode_token(last, request.newest_first)

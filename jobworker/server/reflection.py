@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 from jobworker.api import worker_pb2
 from jobworker.errors import echo
 from jobworker.server.auth import REFLECTION_SERVICES
+from jobworker.server.context import CallContext
 from jobworker.server.service import Method, ReceiveMessage, SendMessage
 
 NOT_FOUND = 5  # grpc.StatusCode.NOT_FOUND, carried in an ErrorResponse
@@ -91,7 +92,7 @@ class Reflection:
         method = Method(reflection_pb2.ServerReflectionRequest, bidi=self.info)
         return {(service, "ServerReflectionInfo"): method for service in REFLECTION_SERVICES}
 
-    async def info(self, receive: ReceiveMessage, send: SendMessage) -> None:
+    async def info(self, receive: ReceiveMessage, send: SendMessage, context: CallContext) -> None:
         """One response per request, in order, until the client ends its requests."""
         while (request := await receive()) is not None:
             await send(self.answer(request))

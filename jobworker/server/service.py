@@ -14,8 +14,9 @@ from typing import Any
 from google.protobuf.message import Message
 
 from jobworker.api import worker_pb2 as pb
-from jobworker.engine import JobManager, JobRecord, JobSpec, rfc3339
+from jobworker.engine import JobManager, JobRecord, JobSpec, Usage, rfc3339
 from jobworker.errors import ServerShuttingDown
+from jobworker.server.context import CallContext
 from jobworker.server.listing import PageRequest, page, too_many
 from jobworker.wire.contract import DEFAULT_MAX_MESSAGE_BYTES
 
@@ -23,11 +24,12 @@ STREAM_CHUNK_BYTES = 64 * 1024  # DataChunk payload limit promised by the API
 EXIT_CODE_UNKNOWN = -1  # no process exits with it: exit statuses are 0-255 (README "Jobs")
 
 SendMessage = Callable[[Message], Awaitable[None]]
-UnaryCall = Callable[[Any], Awaitable[Message]]
-StreamCall = Callable[[Any, SendMessage], Awaitable[None]]
+# Every call gets its CallContext (who, role, deadline, peer) from the dispatcher.
+UnaryCall = Callable[[Any, CallContext], Awaitable[Message]]
+StreamCall = Callable[[Any, SendMessage, CallContext], Awaitable[None]]
 # A bidirectional call: receive() returns the next request, None once the client is done.
 ReceiveMessage = Callable[[], Awaitable[Message | None]]
-BidiCall = Callable[[ReceiveMessage, SendMessage], Awaitable[None]]
+BidiCall = Callable[[ReceiveMessage, SendMessage, CallContext], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,8 @@ class Method:
     bidi: BidiCall | None = None
 
 
-def job_fields(record: JobRecord) -> dict[str, Any]:
-    """The ten fields shared by Job, CreateJobRes and GetJobRes."""
+def job_fields(record: JobRecord, usage: pb.JobUsage) -> dict[str, Any]:
+    """The fields shared by Job, CreateJobRes and GetJobRes: the spec's ten, then ours."""
     return {
         "id": record.id,
         "command": record.command,
@@ -54,7 +56,19 @@ def job_fields(record: JobRecord) -> dict[str, Any]:
         "startTime": rfc3339(record.start_time),
         "endTime": rfc3339(record.end_time),
         "exitCode": wire_exit_code(record),
+        "reason": record.reason,
+        "owner": record.owner,
+        "usage": usage,
     }
+
+
+def job_usage(usage: Usage, output_bytes: int) -> pb.JobUsage:
+    """A JobUsage from what the engine measured (0 where it did not)."""
+    return pb.JobUsage(
+        cpuSeconds=usage.cpu_time_s or 0.0,
+        peakMemoryBytes=usage.peak_memory_bytes or 0,
+        outputBytes=output_bytes,
+    )
 
 
 def wire_exit_code(record: JobRecord) -> int:
@@ -98,7 +112,7 @@ class JobService:
             "ListJobs": Method(pb.ListJobsReq, unary=self.list_jobs),
         }
 
-    async def create_job(self, request: pb.CreateJobReq) -> pb.CreateJobRes:
+    async def create_job(self, request: pb.CreateJobReq, context: CallContext) -> pb.CreateJobRes:
         if not self._accepting:
             raise ServerShuttingDown
         spec = JobSpec(
@@ -107,23 +121,37 @@ class JobService:
             max_cpu=request.maxCPU,
             max_memory=request.maxMemory,
             max_iobps=request.maxIOBPS,
+            owner=context.identity.name,
         )
         record = await self._manager.create(spec)
-        return pb.CreateJobRes(**job_fields(record))
+        return pb.CreateJobRes(**job_fields(record, self._usage(record)))
 
-    async def get_job(self, request: pb.GetJobReq) -> pb.GetJobRes:
-        return pb.GetJobRes(**job_fields(self._manager.get(request.id)))
+    async def get_job(self, request: pb.GetJobReq, context: CallContext) -> pb.GetJobRes:
+        record = self._manager.get(request.id)
+        return pb.GetJobRes(**job_fields(record, self._usage(record)))
 
-    async def stop_job(self, request: pb.StopJobReq) -> pb.StopJobRes:
+    async def stop_job(self, request: pb.StopJobReq, context: CallContext) -> pb.StopJobRes:
         record = await self._manager.stop(request.id)
         return pb.StopJobRes(
             id=record.id,
             status=str(record.status),
             endTime=rfc3339(record.end_time),
             exitCode=wire_exit_code(record),
+            reason=record.reason,
+            usage=self._usage(record),
         )
 
-    async def get_jobs(self, request: pb.EmptyRequest) -> pb.Jobs:
+    def _usage(self, record: JobRecord, *, from_cgroup: bool = True) -> pb.JobUsage:
+        """What the job used: its final usage once ended; while it runs, its output as long
+        as it is now and (``from_cgroup``) its CPU and memory read from its cgroup now.
+        Listings leave the cgroup out: listing hundreds of running jobs would read a few
+        files per job on the event loop, and GetJob of one job reads them."""
+        if record.status.is_terminal:
+            return job_usage(record.usage, record.output_bytes)
+        live = self._manager.usage(record.id) if from_cgroup else None
+        return job_usage(live or record.usage, self._manager.output_size(record.id))
+
+    async def get_jobs(self, request: pb.EmptyRequest, context: CallContext) -> pb.Jobs:
         """Every job in one message, or RESOURCE_EXHAUSTED if they do not fit one."""
         # Concatenated encodings of one-job Jobs messages parse as one Jobs message (a
         # repeated field appends). A finished job's fields never change, so its encoding is
@@ -134,7 +162,7 @@ class JobService:
         jobs: pb.Jobs = pb.Jobs.FromString(b"".join(entries))
         return jobs
 
-    async def list_jobs(self, request: pb.ListJobsReq) -> pb.ListJobsRes:
+    async def list_jobs(self, request: pb.ListJobsReq, context: CallContext) -> pb.ListJobsRes:
         """One page of jobs, in id order (or newest first), within the message limit."""
         wanted = PageRequest.parse(
             request.pageSize,
@@ -151,12 +179,16 @@ class JobService:
     def _listing_entry(self, record: JobRecord) -> bytes:
         entry = self._finished_entries.get(record.id)
         if entry is None:
-            entry = pb.Jobs(jobs=[pb.Job(**job_fields(record))]).SerializeToString()
+            usage = self._usage(record, from_cgroup=False)
+            entry = pb.Jobs(jobs=[pb.Job(**job_fields(record, usage))])
+            entry = entry.SerializeToString()
             if record.status.is_terminal:
                 self._finished_entries[record.id] = entry
         return entry
 
-    async def stream_job(self, request: pb.GetJobsStreamReq, send: SendMessage) -> None:
+    async def stream_job(
+        self, request: pb.GetJobsStreamReq, send: SendMessage, context: CallContext
+    ) -> None:
         """History then live output, in chunks of at most 64 KiB, until the job has ended and
         every byte was sent. ``send`` waits on HTTP/2 flow control: a slow reader holds at most
         one chunk here (the engine never waits for it). On cancellation the reader is

@@ -198,10 +198,13 @@ def test_get_prints_the_spec_block_with_exit_code_once_ended(cli: CLI, stub) -> 
     job = wait_ended(stub, job_id)
     run = cli("get", job_id)
     assert run.code == 0, run.err
-    assert run.text == (
+    spec_block, _, ours = run.text.partition("Reason: ")
+    assert spec_block == (
         f"Id: {job_id}\nCommand: sh -c 'exit 3'\nStatus: FAILED\nStarted At: {job.startTime}\n"
         f"Ended At: {job.endTime}\nMaxCPU: 50\nMaxMemory: 512\nMaxIOBPS: 0\nExitCode: 3\n"
     )
+    assert ours.startswith("exited with status 3\nOwner: admin\nUsage: cpu ")
+    assert ours.endswith(", output 0 bytes\n")
 
 
 def test_get_of_a_running_job_has_an_empty_end_and_no_exit_code(cli: CLI, stub) -> None:
@@ -261,7 +264,7 @@ def test_control_characters_show_as_one_escaped_row_in_list_and_get(cli: CLI, st
     got = cli("get", job_id)
     assert b"\x1b" not in got.out
     assert f"\nCommand: echo {HOSTILE_ESCAPED}\nStatus: COMPLETED\n" in got.text
-    assert len(got.text.splitlines()) == 9
+    assert len(got.text.splitlines()) == 12  # the spec's nine, then Reason, Owner, Usage
     # JSON stays exact: the arguments as the job got them
     assert json.loads(cli("get", job_id, "-o", "json").out)["args"] == HOSTILE_ARGS
 
@@ -285,6 +288,9 @@ JOB_FIELDS = [
     "startTime",
     "endTime",
     "exitCode",
+    "reason",
+    "owner",
+    "usage",
 ]
 
 
@@ -314,12 +320,16 @@ def test_json_output_of_every_command(cli: CLI, stub, where: str) -> None:
     assert next(job for job in listed if job["id"] == job_id)["command"] == "sleep"
     stopped = run_json("stop", job_id)
     job = stub.GetJob(worker_pb2.GetJobReq(id=job_id))
+    assert isinstance(stopped, dict)
+    usage = stopped.pop("usage")
     assert stopped == {
         "id": job_id,
         "status": "STOPPED",
         "endTime": job.endTime,
         "exitCode": job.exitCode,
+        "reason": "stopped by request",
     }
+    assert usage["outputBytes"] == "0"  # int64 fields are strings in proto3 JSON
 
 
 # -- stream ----------------------------------------------------------------------------------

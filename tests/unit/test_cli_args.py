@@ -432,6 +432,22 @@ def test_render_quotes_arguments_like_a_shell() -> None:
     assert render.command_line("echo", ["it's"]) == "echo 'it'\"'\"'s'"
 
 
+def test_details_beyond_the_spec_follow_its_block() -> None:
+    job = worker_pb2.GetJobRes(
+        id="4",
+        command="stress",
+        status="FAILED",
+        exitCode=137,
+        reason="out of memory (limit 50 MB)\x1b[2J",
+        owner="alice",
+        usage=worker_pb2.JobUsage(cpuSeconds=1.234, peakMemoryBytes=52_428_800, outputBytes=12_345),
+    )
+    assert render.job_details(job).endswith(
+        "MaxIOBPS: 0\nExitCode: 137\nReason: out of memory (limit 50 MB)\\x1b[2J\n"
+        "Owner: alice\nUsage: cpu 1.23 s, peak memory 52.4 MB, output 12,345 bytes\n"
+    )
+
+
 @pytest.mark.parametrize("status", ["COMPLETED", "FAILED", "STOPPED", "LOST"])
 def test_exit_code_line_once_ended(status: str) -> None:
     job = worker_pb2.GetJobRes(id="2", command="false", status=status, exitCode=1)
@@ -451,8 +467,14 @@ def test_json_uses_proto_names_in_proto_order_with_defaults() -> None:
         "startTime": "",
         "endTime": "",
         "exitCode": 0,
+        "reason": "",
+        "owner": "",
     }
+    job.usage.outputBytes = 5  # a message field: shown once the server sends it
     assert list(render.as_dict(job)) == [f.name for f in job.DESCRIPTOR.fields]
+    usage = render.as_dict(job)["usage"]
+    assert isinstance(usage, dict)
+    assert usage["outputBytes"] == "5"  # int64: a string in proto3 JSON
     assert render.as_json([]) == "[]\n"
 
 
