@@ -367,8 +367,10 @@ class OutputReader:
         if self._nowait:
             # What a reader catches up on was mostly written moments ago and is in the page
             # cache: read it here, without a thread hop, if the kernel can do so without
-            # waiting for the disk (RWF_NOWAIT); a miss goes to a thread as before.
-            buffer = bytearray(size)
+            # waiting for the disk (RWF_NOWAIT); a miss goes to a thread as before. One
+            # message at a time: without the hop there is nothing to amortise, and a hundred
+            # readers catching up at once each hold one chunk, not a read's worth.
+            buffer = bytearray(min(size, self._max_chunk))
             try:
                 got = os.preadv(self._fd, [buffer], self.offset, os.RWF_NOWAIT)
             except BlockingIOError:

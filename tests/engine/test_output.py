@@ -6,11 +6,13 @@ from __future__ import annotations
 import gc
 import hashlib
 import math
+import os
 import random
 import tempfile
 import tracemalloc
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
 from hypothesis import HealthCheck, given, settings
@@ -326,3 +328,30 @@ async def test_a_disk_that_refuses_every_write_loses_output_counted_never_raisin
     assert output.length == 0  # nothing reached the file, nothing is announced
     assert output.lost_bytes == 3000
     assert output.loss_summary == "3000 bytes of output lost: data disk full"
+
+
+async def test_a_catch_up_read_of_pages_not_in_memory_goes_through_a_thread(
+    tmp_path: Path,
+) -> None:
+    """A reader catching up reads the page cache on the event loop (RWF_NOWAIT) and falls
+    back to a thread for what is only on disk: the bytes are the same either way."""
+    output = OutputLog(tmp_path / "out.log")
+    await trio.to_thread.run_sync(output.open_append)
+    data = bytes(range(256)) * 4096  # 1 MiB
+    await output.append(data)
+    output.finish()
+    fd = os.open(output.path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages leave the cache
+        try:
+            os.preadv(fd, [bytearray(4096)], 0, os.RWF_NOWAIT)
+        except BlockingIOError:
+            pass  # as intended: the first read must wait for the disk
+        else:
+            pytest.skip("this file system kept the pages in memory (tmpfs?)")
+    finally:
+        os.close(fd)
+    for _ in range(2):  # first from the disk (a thread), then from the page cache
+        async with output.follow(0, max_chunk=65536) as reader:
+            assert b"".join([chunk async for chunk in reader]) == data
