@@ -104,7 +104,7 @@ class _H2Connection(H2Connection):
     (RFC 7540 5.1.2), which gRPC clients treat as retryable.
     """
 
-    stream_limit: int = 100
+    stream_limit: int = WireLimits.max_concurrent_streams  # set per connection
     refused_streams: int = 0
     # Told of every PING frame received: (payload, is_ack). h2 answers the peer's PINGs.
     on_ping: Callable[[bytes, bool], None] | None = None
