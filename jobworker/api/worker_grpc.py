@@ -21,6 +21,9 @@ class JobServiceServicer(purerpc.Servicer):
     async def ListJobs(self, input_message):
         raise NotImplementedError()
 
+    async def DeleteJob(self, input_message):
+        raise NotImplementedError()
+
     @property
     def service(self) -> purerpc.Service:
         service_obj = purerpc.Service(
@@ -80,6 +83,15 @@ class JobServiceServicer(purerpc.Servicer):
                 worker__pb2.ListJobsRes,
             )
         )
+        service_obj.add_method(
+            "DeleteJob",
+            self.DeleteJob,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                worker__pb2.DeleteJobReq,
+                worker__pb2.DeleteJobRes,
+            )
+        )
         return service_obj
 
 
@@ -135,5 +147,13 @@ class JobServiceStub:
                 purerpc.Cardinality.UNARY_UNARY,
                 worker__pb2.ListJobsReq,
                 worker__pb2.ListJobsRes,
+            )
+        )
+        self.DeleteJob = self._client.get_method_stub(
+            "DeleteJob",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                worker__pb2.DeleteJobReq,
+                worker__pb2.DeleteJobRes,
             )
         )

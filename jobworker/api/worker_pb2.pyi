@@ -7,7 +7,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Job(_message.Message):
-    __slots__ = ("id", "command", "args", "maxCPU", "maxMemory", "maxIOBPS", "status", "startTime", "endTime", "exitCode", "reason", "owner", "usage")
+    __slots__ = ("id", "command", "args", "maxCPU", "maxMemory", "maxIOBPS", "status", "startTime", "endTime", "exitCode", "reason", "owner", "usage", "timeoutSeconds", "env", "workingDir")
+    class EnvEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     ID_FIELD_NUMBER: _ClassVar[int]
     COMMAND_FIELD_NUMBER: _ClassVar[int]
     ARGS_FIELD_NUMBER: _ClassVar[int]
@@ -21,6 +28,9 @@ class Job(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUTSECONDS_FIELD_NUMBER: _ClassVar[int]
+    ENV_FIELD_NUMBER: _ClassVar[int]
+    WORKINGDIR_FIELD_NUMBER: _ClassVar[int]
     id: str
     command: str
     args: _containers.RepeatedScalarFieldContainer[str]
@@ -34,7 +44,10 @@ class Job(_message.Message):
     reason: str
     owner: str
     usage: JobUsage
-    def __init__(self, id: _Optional[str] = ..., command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., maxCPU: _Optional[int] = ..., maxMemory: _Optional[int] = ..., maxIOBPS: _Optional[int] = ..., status: _Optional[str] = ..., startTime: _Optional[str] = ..., endTime: _Optional[str] = ..., exitCode: _Optional[int] = ..., reason: _Optional[str] = ..., owner: _Optional[str] = ..., usage: _Optional[_Union[JobUsage, _Mapping]] = ...) -> None: ...
+    timeoutSeconds: int
+    env: _containers.ScalarMap[str, str]
+    workingDir: str
+    def __init__(self, id: _Optional[str] = ..., command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., maxCPU: _Optional[int] = ..., maxMemory: _Optional[int] = ..., maxIOBPS: _Optional[int] = ..., status: _Optional[str] = ..., startTime: _Optional[str] = ..., endTime: _Optional[str] = ..., exitCode: _Optional[int] = ..., reason: _Optional[str] = ..., owner: _Optional[str] = ..., usage: _Optional[_Union[JobUsage, _Mapping]] = ..., timeoutSeconds: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., workingDir: _Optional[str] = ...) -> None: ...
 
 class JobUsage(_message.Message):
     __slots__ = ("cpuSeconds", "peakMemoryBytes", "outputBytes", "ioReadBytes", "ioWriteBytes")
@@ -51,21 +64,41 @@ class JobUsage(_message.Message):
     def __init__(self, cpuSeconds: _Optional[float] = ..., peakMemoryBytes: _Optional[int] = ..., outputBytes: _Optional[int] = ..., ioReadBytes: _Optional[int] = ..., ioWriteBytes: _Optional[int] = ...) -> None: ...
 
 class CreateJobReq(_message.Message):
-    __slots__ = ("command", "args", "maxCPU", "maxMemory", "maxIOBPS")
+    __slots__ = ("command", "args", "maxCPU", "maxMemory", "maxIOBPS", "timeoutSeconds", "env", "workingDir")
+    class EnvEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     COMMAND_FIELD_NUMBER: _ClassVar[int]
     ARGS_FIELD_NUMBER: _ClassVar[int]
     MAXCPU_FIELD_NUMBER: _ClassVar[int]
     MAXMEMORY_FIELD_NUMBER: _ClassVar[int]
     MAXIOBPS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUTSECONDS_FIELD_NUMBER: _ClassVar[int]
+    ENV_FIELD_NUMBER: _ClassVar[int]
+    WORKINGDIR_FIELD_NUMBER: _ClassVar[int]
     command: str
     args: _containers.RepeatedScalarFieldContainer[str]
     maxCPU: int
     maxMemory: int
     maxIOBPS: int
-    def __init__(self, command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., maxCPU: _Optional[int] = ..., maxMemory: _Optional[int] = ..., maxIOBPS: _Optional[int] = ...) -> None: ...
+    timeoutSeconds: int
+    env: _containers.ScalarMap[str, str]
+    workingDir: str
+    def __init__(self, command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., maxCPU: _Optional[int] = ..., maxMemory: _Optional[int] = ..., maxIOBPS: _Optional[int] = ..., timeoutSeconds: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., workingDir: _Optional[str] = ...) -> None: ...
 
 class CreateJobRes(_message.Message):
-    __slots__ = ("id", "command", "args", "maxCPU", "maxMemory", "maxIOBPS", "status", "startTime", "endTime", "exitCode", "reason", "owner", "usage")
+    __slots__ = ("id", "command", "args", "maxCPU", "maxMemory", "maxIOBPS", "status", "startTime", "endTime", "exitCode", "reason", "owner", "usage", "timeoutSeconds", "env", "workingDir")
+    class EnvEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     ID_FIELD_NUMBER: _ClassVar[int]
     COMMAND_FIELD_NUMBER: _ClassVar[int]
     ARGS_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +112,9 @@ class CreateJobRes(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUTSECONDS_FIELD_NUMBER: _ClassVar[int]
+    ENV_FIELD_NUMBER: _ClassVar[int]
+    WORKINGDIR_FIELD_NUMBER: _ClassVar[int]
     id: str
     command: str
     args: _containers.RepeatedScalarFieldContainer[str]
@@ -92,7 +128,10 @@ class CreateJobRes(_message.Message):
     reason: str
     owner: str
     usage: JobUsage
-    def __init__(self, id: _Optional[str] = ..., command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., maxCPU: _Optional[int] = ..., maxMemory: _Optional[int] = ..., maxIOBPS: _Optional[int] = ..., status: _Optional[str] = ..., startTime: _Optional[str] = ..., endTime: _Optional[str] = ..., exitCode: _Optional[int] = ..., reason: _Optional[str] = ..., owner: _Optional[str] = ..., usage: _Optional[_Union[JobUsage, _Mapping]] = ...) -> None: ...
+    timeoutSeconds: int
+    env: _containers.ScalarMap[str, str]
+    workingDir: str
+    def __init__(self, id: _Optional[str] = ..., command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., maxCPU: _Optional[int] = ..., maxMemory: _Optional[int] = ..., maxIOBPS: _Optional[int] = ..., status: _Optional[str] = ..., startTime: _Optional[str] = ..., endTime: _Optional[str] = ..., exitCode: _Optional[int] = ..., reason: _Optional[str] = ..., owner: _Optional[str] = ..., usage: _Optional[_Union[JobUsage, _Mapping]] = ..., timeoutSeconds: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., workingDir: _Optional[str] = ...) -> None: ...
 
 class GetJobReq(_message.Message):
     __slots__ = ("id",)
@@ -101,7 +140,14 @@ class GetJobReq(_message.Message):
     def __init__(self, id: _Optional[str] = ...) -> None: ...
 
 class GetJobRes(_message.Message):
-    __slots__ = ("id", "command", "args", "maxCPU", "maxMemory", "maxIOBPS", "status", "startTime", "endTime", "exitCode", "reason", "owner", "usage")
+    __slots__ = ("id", "command", "args", "maxCPU", "maxMemory", "maxIOBPS", "status", "startTime", "endTime", "exitCode", "reason", "owner", "usage", "timeoutSeconds", "env", "workingDir")
+    class EnvEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     ID_FIELD_NUMBER: _ClassVar[int]
     COMMAND_FIELD_NUMBER: _ClassVar[int]
     ARGS_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +161,9 @@ class GetJobRes(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUTSECONDS_FIELD_NUMBER: _ClassVar[int]
+    ENV_FIELD_NUMBER: _ClassVar[int]
+    WORKINGDIR_FIELD_NUMBER: _ClassVar[int]
     id: str
     command: str
     args: _containers.RepeatedScalarFieldContainer[str]
@@ -128,7 +177,10 @@ class GetJobRes(_message.Message):
     reason: str
     owner: str
     usage: JobUsage
-    def __init__(self, id: _Optional[str] = ..., command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., maxCPU: _Optional[int] = ..., maxMemory: _Optional[int] = ..., maxIOBPS: _Optional[int] = ..., status: _Optional[str] = ..., startTime: _Optional[str] = ..., endTime: _Optional[str] = ..., exitCode: _Optional[int] = ..., reason: _Optional[str] = ..., owner: _Optional[str] = ..., usage: _Optional[_Union[JobUsage, _Mapping]] = ...) -> None: ...
+    timeoutSeconds: int
+    env: _containers.ScalarMap[str, str]
+    workingDir: str
+    def __init__(self, id: _Optional[str] = ..., command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., maxCPU: _Optional[int] = ..., maxMemory: _Optional[int] = ..., maxIOBPS: _Optional[int] = ..., status: _Optional[str] = ..., startTime: _Optional[str] = ..., endTime: _Optional[str] = ..., exitCode: _Optional[int] = ..., reason: _Optional[str] = ..., owner: _Optional[str] = ..., usage: _Optional[_Union[JobUsage, _Mapping]] = ..., timeoutSeconds: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., workingDir: _Optional[str] = ...) -> None: ...
 
 class StopJobReq(_message.Message):
     __slots__ = ("id",)
@@ -163,12 +215,14 @@ class Jobs(_message.Message):
     def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ...) -> None: ...
 
 class GetJobsStreamReq(_message.Message):
-    __slots__ = ("id", "noFollow")
+    __slots__ = ("id", "noFollow", "offset")
     ID_FIELD_NUMBER: _ClassVar[int]
     NOFOLLOW_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
     id: str
     noFollow: bool
-    def __init__(self, id: _Optional[str] = ..., noFollow: _Optional[bool] = ...) -> None: ...
+    offset: int
+    def __init__(self, id: _Optional[str] = ..., noFollow: _Optional[bool] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class DataChunk(_message.Message):
     __slots__ = ("payload",)
@@ -197,3 +251,15 @@ class ListJobsRes(_message.Message):
     jobs: _containers.RepeatedCompositeFieldContainer[Job]
     nextPageToken: str
     def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ..., nextPageToken: _Optional[str] = ...) -> None: ...
+
+class DeleteJobReq(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class DeleteJobRes(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...

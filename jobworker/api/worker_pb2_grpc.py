@@ -64,6 +64,11 @@ class JobServiceStub:
                 request_serializer=worker__pb2.ListJobsReq.SerializeToString,
                 response_deserializer=worker__pb2.ListJobsRes.FromString,
                 _registered_method=True)
+        self.DeleteJob = channel.unary_unary(
+                '/job_worker.JobService/DeleteJob',
+                request_serializer=worker__pb2.DeleteJobReq.SerializeToString,
+                response_deserializer=worker__pb2.DeleteJobRes.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -111,6 +116,13 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteJob(self, request, context):
+        """Remove a finished job's record and output; its id is never used again (admin).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +155,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.ListJobs,
                     request_deserializer=worker__pb2.ListJobsReq.FromString,
                     response_serializer=worker__pb2.ListJobsRes.SerializeToString,
+            ),
+            'DeleteJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteJob,
+                    request_deserializer=worker__pb2.DeleteJobReq.FromString,
+                    response_serializer=worker__pb2.DeleteJobRes.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +324,33 @@ class JobService:
             '/job_worker.JobService/ListJobs',
             worker__pb2.ListJobsReq.SerializeToString,
             worker__pb2.ListJobsRes.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/job_worker.JobService/DeleteJob',
+            worker__pb2.DeleteJobReq.SerializeToString,
+            worker__pb2.DeleteJobRes.FromString,
             options,
             channel_credentials,
             insecure,

@@ -291,6 +291,9 @@ JOB_FIELDS = [
     "reason",
     "owner",
     "usage",
+    "timeoutSeconds",
+    "env",
+    "workingDir",
 ]
 
 

@@ -469,6 +469,9 @@ def test_json_uses_proto_names_in_proto_order_with_defaults() -> None:
         "exitCode": 0,
         "reason": "",
         "owner": "",
+        "timeoutSeconds": 0,
+        "env": {},
+        "workingDir": "",
     }
     job.usage.outputBytes = 5  # a message field: shown once the server sends it
     assert list(render.as_dict(job)) == [f.name for f in job.DESCRIPTOR.fields]

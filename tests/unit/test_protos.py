@@ -36,8 +36,12 @@ def _compiled_descriptor(tmp_path: Path) -> descriptor_pb2.FileDescriptorProto:
 def _without_json_names(
     proto: descriptor_pb2.FileDescriptorProto,
 ) -> descriptor_pb2.FileDescriptorProto:
-    # protoc's descriptor set spells out json_name; the embedded descriptor may not.
-    for message in proto.message_type:
+    # protoc's descriptor set spells out json_name; the embedded descriptor may not. Nested
+    # messages too (a map field's entry type).
+    messages = list(proto.message_type)
+    while messages:
+        message = messages.pop()
+        messages.extend(message.nested_type)
         for field in message.field:
             field.ClearField("json_name")
     return proto
@@ -141,4 +145,5 @@ def test_service_has_the_spec_methods_and_list_jobs() -> None:
         "GetJobs": ("EmptyRequest", "Jobs", False),
         "GetJobsStream": ("GetJobsStreamReq", "DataChunk", True),
         "ListJobs": ("ListJobsReq", "ListJobsRes", False),
+        "DeleteJob": ("DeleteJobReq", "DeleteJobRes", False),
     }
