@@ -51,7 +51,9 @@ def poll(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 def create(stub: Stub, command: str, *args: str, **limits: int) -> str:
-    req = worker_pb2.CreateJobReq(command=command, args=list(args), **limits)
+    req = worker_pb2.CreateJobReq(command=command, args=list(args))
+    for name, value in limits.items():  # maxCPU=..., maxMemory=..., maxIOBPS=...
+        setattr(req, name, value)
     return str(stub.CreateJob(req, timeout=10).id)
 
 

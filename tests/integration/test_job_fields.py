@@ -50,9 +50,10 @@ def ended(stub: Any, job_id: str, deadline_s: float = 30.0) -> Any:
 
 
 def create(stub: Any, *args: str, **limits: int) -> Any:
-    return stub.CreateJob(
-        worker_pb2.CreateJobReq(command=args[0], args=list(args[1:]), **limits), timeout=TIMEOUT
-    )
+    request = worker_pb2.CreateJobReq(command=args[0], args=list(args[1:]))
+    for name, value in limits.items():  # maxCPU=..., maxMemory=..., maxIOBPS=...
+        setattr(request, name, value)
+    return stub.CreateJob(request, timeout=TIMEOUT)
 
 
 def test_the_owner_is_the_creators_cn_and_listings_filter_by_it(stubs: dict[str, Any]) -> None:

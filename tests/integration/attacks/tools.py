@@ -186,11 +186,12 @@ def pattern_sha256(size: int) -> str:
 
 def pattern_job(total: int, delay: float = 0.0, **limits: int) -> worker_pb2.CreateJobReq:
     """A CreateJobReq for a job writing ``total`` pattern bytes (``-1``: until stopped)."""
-    return worker_pb2.CreateJobReq(
-        command=JOB_PYTHON,
-        args=["-c", PATTERN_SCRIPT, str(total), repr(delay)],
-        **limits,
+    request = worker_pb2.CreateJobReq(
+        command=JOB_PYTHON, args=["-c", PATTERN_SCRIPT, str(total), repr(delay)]
     )
+    for name, value in limits.items():  # maxCPU=..., maxMemory=..., maxIOBPS=...
+        setattr(request, name, value)
+    return request
 
 
 def is_pattern_prefix(data: bytes) -> bool:
