@@ -17,6 +17,7 @@ import grpc
 import pytest
 
 from jobworker import pki
+from jobworker.api import worker_pb2
 
 if TYPE_CHECKING:
     from jobworker.cgroups.base import JobCgroup
@@ -240,3 +241,11 @@ def placed_argv(cgroup: JobCgroup, argv: Sequence[str]) -> list[str]:
         return list(argv)
     writes = " && ".join(f"echo $$ >{shlex.quote(str(path))}" for path in files)
     return ["/bin/sh", "-c", f'{writes} && exec "$@"', "placed", *argv]
+
+
+def job_request(command: str, args: Sequence[str] = (), **limits: int) -> worker_pb2.CreateJobReq:
+    """A CreateJobReq with the given limits (``maxCPU=50, maxMemory=64, ...``) set by name."""
+    request = worker_pb2.CreateJobReq(command=command, args=list(args))
+    for name, value in limits.items():
+        setattr(request, name, value)
+    return request

@@ -20,7 +20,7 @@ import pytest
 
 from jobworker.api import worker_pb2, worker_pb2_grpc
 from jobworker.launch.users import DEFAULT_UID_RANGE
-from tests.support import grpc_credentials, pid_alive, server_command, skip_unless
+from tests.support import grpc_credentials, job_request, pid_alive, server_command, skip_unless
 
 if TYPE_CHECKING:
     from tests.conftest import TestPKI
@@ -51,9 +51,7 @@ def poll(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 def create(stub: Stub, command: str, *args: str, **limits: int) -> str:
-    req = worker_pb2.CreateJobReq(command=command, args=list(args))
-    for name, value in limits.items():  # maxCPU=..., maxMemory=..., maxIOBPS=...
-        setattr(req, name, value)
+    req = job_request(command, args, **limits)
     return str(stub.CreateJob(req, timeout=10).id)
 
 

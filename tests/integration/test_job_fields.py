@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from jobworker.api import worker_pb2, worker_pb2_grpc
-from tests.support import JOB_PYTHON, grpc_credentials
+from tests.support import JOB_PYTHON, grpc_credentials, job_request
 
 if TYPE_CHECKING:
     from tests.integration.conftest import ServerFactory, ServerProc
@@ -50,10 +50,7 @@ def ended(stub: Any, job_id: str, deadline_s: float = 30.0) -> Any:
 
 
 def create(stub: Any, *args: str, **limits: int) -> Any:
-    request = worker_pb2.CreateJobReq(command=args[0], args=list(args[1:]))
-    for name, value in limits.items():  # maxCPU=..., maxMemory=..., maxIOBPS=...
-        setattr(request, name, value)
-    return stub.CreateJob(request, timeout=TIMEOUT)
+    return stub.CreateJob(job_request(args[0], args[1:], **limits), timeout=TIMEOUT)
 
 
 def test_the_owner_is_the_creators_cn_and_listings_filter_by_it(stubs: dict[str, Any]) -> None:

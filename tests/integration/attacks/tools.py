@@ -38,7 +38,7 @@ import trio
 
 from jobworker.api import worker_pb2, worker_pb2_grpc
 from jobworker.engine import JobStatus
-from tests.support import JOB_PYTHON, grpc_credentials
+from tests.support import JOB_PYTHON, grpc_credentials, job_request
 
 if TYPE_CHECKING:
     from tests.conftest import TestPKI
@@ -186,12 +186,7 @@ def pattern_sha256(size: int) -> str:
 
 def pattern_job(total: int, delay: float = 0.0, **limits: int) -> worker_pb2.CreateJobReq:
     """A CreateJobReq for a job writing ``total`` pattern bytes (``-1``: until stopped)."""
-    request = worker_pb2.CreateJobReq(
-        command=JOB_PYTHON, args=["-c", PATTERN_SCRIPT, str(total), repr(delay)]
-    )
-    for name, value in limits.items():  # maxCPU=..., maxMemory=..., maxIOBPS=...
-        setattr(request, name, value)
-    return request
+    return job_request(JOB_PYTHON, ["-c", PATTERN_SCRIPT, str(total), repr(delay)], **limits)
 
 
 def is_pattern_prefix(data: bytes) -> bool:
