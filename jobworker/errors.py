@@ -4,8 +4,8 @@ Every error a caller may see is a JobWorkerError whose message is written for
 people, in the spec's wording where the spec has one::
 
     JobWorkerError
-     +-- JobNotFound, JobNotRunning, InvalidJobSpec (CommandNotFound, ...),
-     |   JobStartFailed, DataDiskFull, OutputLost, PermissionDenied
+     +-- JobNotFound, JobNotRunning, JobIsRunning, InvalidJobSpec (CommandNotFound, ...),
+     |   JobStartFailed, DataDiskFull, OutputLost, OffsetOutOfRange, PermissionDenied
      +-- RpcError: a call ends (server side) or ended (client side) with a gRPC status
           +-- DeadlineExceeded      DEADLINE_EXCEEDED, no answer in time
           +-- ServerShuttingDown    UNAVAILABLE "server shutting down"
@@ -61,6 +61,15 @@ class JobNotRunning(JobWorkerError):
         super().__init__(f"job is not running: {echo(job_id)} (current status: {status})")
         self.job_id = job_id
         self.status = status
+
+
+class JobIsRunning(JobWorkerError):
+    """Raised when deleting a job that has not ended (INITIALIZING, RUNNING, or processes of
+    it survive): ``job is running: <id>``. Nothing is removed."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"job is running: {echo(job_id)}")
+        self.job_id = job_id
 
 
 class InvalidJobSpec(JobWorkerError):
@@ -119,6 +128,19 @@ class OutputLost(JobWorkerError):
     def __init__(self, job_id: str, what: str = "is missing") -> None:
         super().__init__(f"output of job {echo(job_id)} {what}")
         self.job_id = job_id
+
+
+class OffsetOutOfRange(JobWorkerError):
+    """Raised by a stream asked to start past the end of an ended job's output, where no
+    byte will ever be: ``offset <N> is beyond the end of job <id>'s output (<L> bytes)``."""
+
+    def __init__(self, job_id: str, offset: int, length: int) -> None:
+        super().__init__(
+            f"offset {offset} is beyond the end of job {echo(job_id)}'s output ({length} bytes)"
+        )
+        self.job_id = job_id
+        self.offset = offset
+        self.length = length
 
 
 class PermissionDenied(JobWorkerError):

@@ -8,10 +8,11 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
@@ -249,3 +250,15 @@ def job_request(command: str, args: Sequence[str] = (), **limits: int) -> worker
     for name, value in limits.items():
         setattr(request, name, value)
     return request
+
+
+def wait_job_ended(stub: Any, job_id: str, deadline_s: float = 30.0) -> Any:
+    """GetJob through a grpcio ``stub``, polled with a deadline until the job has ended; the
+    last answer."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        job = stub.GetJob(worker_pb2.GetJobReq(id=job_id), timeout=10)
+        if job.status not in ("INITIALIZING", "RUNNING"):
+            return job
+        assert time.monotonic() < deadline, f"job {job_id} still {job.status}"
+        time.sleep(0.02)  # polling the job's status, with a deadline

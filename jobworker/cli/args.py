@@ -28,6 +28,7 @@ ENV_SERVER = "JOB_WORKER_SERVER"
 ENV_CERT_PATH = "JOB_WORKER_CERT_PATH"  # a directory holding the three files above
 DEFAULT_TIMEOUT_S = 5.0  # connection setup and each unary call
 INT32_MAX = 2**31 - 1  # the API's limits are int32
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # GetJobsStreamReq.offset is int64
 OUTPUT_FORMATS = ("text", "json")
 
 EXIT_OK = 0
@@ -64,7 +65,7 @@ class Connection:
 class Command:
     """A parsed command line."""
 
-    name: str  # create, get, list, stop, stream
+    name: str  # create, get, list, stop, delete, stream
     connection: Connection
     output: str = "text"
     job_id: str = ""
@@ -73,7 +74,12 @@ class Command:
     max_cpu: int = 0
     max_memory: int = 0
     max_iobps: int = 0
+    timeout_seconds: int = 0  # create: the job's time limit (0: the server's default)
+    env: tuple[tuple[str, str], ...] = ()  # create: variables added to the job's environment
+    working_dir: str = ""  # create: the job's cwd on the server's host ("": its scratch dir)
     follow: bool = True
+    offset: int = 0  # stream: the byte to start at (negative: from the end)
+    tail: int | None = None  # stream: start at the last N lines instead
 
 
 EXIT_CODES_HELP = f"""\
@@ -127,8 +133,16 @@ dir of its own, so "./x" is refused. Each argument may be at most
 {MAX_ARG_STRLEN - 1} bytes (the kernel's MAX_ARG_STRLEN), and all of them together must fit in the
 kernel's ARG_MAX for one exec.
 
+--time-limit stops the job after that long (SIGTERM, then SIGKILL) and records
+it FAILED, "timed out after N s" (0: the server's default, --default-job-timeout;
+--timeout stays the call's). --env NAME=VALUE (repeatable) adds
+a variable to the job's environment (PATH too: the command is then looked up
+in it). --workdir DIR runs the job in DIR, an absolute path on the server's
+host (default: a scratch dir of its own, also its HOME).
+
 examples:
   jobworker create echo "hello world"
+  jobworker create --time-limit 30s --env NAME=x --workdir /srv sh -c 'echo $NAME; pwd'
   jobworker create --max-cpu=50 python3 script.py
   jobworker create --max-cpu=50 --max-memory=512 python3 script.py
   jobworker create bash -c "sleep 10 && echo done"
@@ -138,6 +152,16 @@ examples:
     "get": ("Get detailed information about a job.", "example:\n  jobworker get 1\n"),
     "list": ("List all jobs.", "example:\n  jobworker list\n"),
     "stop": ("Stop a running job.", "example:\n  jobworker stop 1\n"),
+    "delete": (
+        "Delete an ended job: its record, output and files.",
+        """\
+The job must have ended (a running job: stop it first). Its id is never used
+again; streams of it still open end first.
+
+example:
+  jobworker delete 1
+""",
+    ),
     "stream": (
         "Stream job output in real-time.",
         """\
@@ -149,10 +173,19 @@ With --follow=false (or --no-follow), print the output so far and exit: the
 whole output if the job has ended, otherwise the bytes it had written when the
 stream opened.
 
+--offset N starts at byte N of the output (0 is the first; past the end: waits
+for the job to write that far, or fails if the job has ended); a negative N
+counts from the end: --offset -4096 prints the last 4 KiB, then follows.
+--tail N starts at the last N lines instead (as tail -n N does; 0: only what
+comes next). Either combines with --follow=false.
+
 examples:
   jobworker stream 1
   jobworker stream 1 --follow
   jobworker stream --follow=false 1
+  jobworker stream --tail 20 1
+  jobworker stream --offset -4096 --follow=false 1
+  jobworker stream --offset 1048576 1
 """,
     ),
 }
@@ -178,6 +211,50 @@ def _non_negative_int(text: str) -> int:
     if not 0 <= value <= INT32_MAX:
         raise argparse.ArgumentTypeError(f"must be between 0 and {INT32_MAX}: {text}")
     return value
+
+
+def _offset(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of bytes: {text!r}") from None
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise argparse.ArgumentTypeError(f"must be between {INT64_MIN} and {INT64_MAX}: {text}")
+    return value
+
+
+def _line_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of lines: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text}")
+    return value
+
+
+# --time-limit of create: whole seconds, or with a unit (30s, 5m, 2h).
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def _job_timeout(text: str) -> int:
+    number, unit = (text[:-1], text[-1]) if text[-1:] in DURATION_UNITS else (text, "s")
+    try:
+        value = int(number) * DURATION_UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a whole number of seconds (or 5m, 2h): {text!r}"
+        ) from None
+    if not 0 <= value <= INT32_MAX:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {INT32_MAX} seconds: {text}")
+    return value
+
+
+def _env_variable(text: str) -> tuple[str, str]:
+    name, equals, value = text.partition("=")
+    if not equals or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
 
 
 def _positive_seconds(text: str) -> float:
@@ -210,7 +287,10 @@ def _add_output(parser: argparse.ArgumentParser, *, default: object) -> None:
 
 
 def _add_connection_flags(
-    parser: argparse._ActionsContainer, *, timeout_default: object, default: object
+    parser: argparse._ActionsContainer,
+    *,
+    timeout_default: object,
+    default: object,
 ) -> None:
     """The global flags. Every subcommand takes them too (as kubectl does); there they
     default to SUPPRESS, so that only a flag actually given overrides the global one."""
@@ -248,7 +328,7 @@ def _add_connection_flags(
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="jobworker",
-        description="Client of the job worker: run, inspect, stop and stream jobs.",
+        description="Client of the job worker: run, inspect, stop, delete and stream jobs.",
         epilog=MAIN_EPILOG,
         formatter_class=_formatter,
     )
@@ -265,7 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
         _add_output(sub, default=argparse.SUPPRESS)
         global_flags = sub.add_argument_group("global options (also before the command)")
         _add_connection_flags(
-            global_flags, timeout_default=argparse.SUPPRESS, default=argparse.SUPPRESS
+            global_flags,
+            timeout_default=argparse.SUPPRESS,
+            default=argparse.SUPPRESS,
         )
         return sub
 
@@ -283,6 +365,30 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"{what} (server default {default})",
         )
     create.add_argument(
+        "--time-limit",
+        dest="job_timeout",
+        type=_job_timeout,
+        default=0,
+        metavar="SECONDS",
+        help="stop the job after this long (30, 30s, 5m, 2h), recorded FAILED "
+        '"timed out after N s" (default 0: the server\'s default)',
+    )
+    create.add_argument(
+        "--env",
+        type=_env_variable,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="add a variable to the job's environment (repeatable; PATH too)",
+    )
+    create.add_argument(
+        "--workdir",
+        default="",
+        metavar="DIR",
+        help="the job's working directory, an absolute path on the server's host "
+        "(default: a scratch dir of its own)",
+    )
+    create.add_argument(
         "command",
         metavar="<command>",
         help="the command to run: a name looked up in the job's PATH, or an absolute path",
@@ -294,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     command("get").add_argument("job_id", metavar="<job-id>")
     command("list")
     command("stop").add_argument("job_id", metavar="<job-id>")
+    command("delete").add_argument("job_id", metavar="<job-id>")
 
     stream = command("stream")
     follow = stream.add_mutually_exclusive_group()
@@ -308,6 +415,24 @@ def build_parser() -> argparse.ArgumentParser:
     follow.add_argument(
         "--no-follow", dest="follow", action="store_false", help="print the output so far and exit"
     )
+    start = stream.add_mutually_exclusive_group()
+    start.add_argument(
+        "--offset",
+        "--from-offset",
+        dest="offset",
+        type=_offset,
+        default=0,
+        metavar="N",
+        help="start at byte N of the output (default 0); negative: N bytes before the end",
+    )
+    start.add_argument(
+        "--tail",
+        dest="tail",
+        type=_line_count,
+        default=None,
+        metavar="N",
+        help="start at the last N lines of the output",
+    )
     stream.add_argument("job_id", metavar="<job-id>")
     return parser
 
@@ -319,6 +444,9 @@ _CREATE_OPTIONS_WITH_VALUE = _GLOBAL_OPTIONS_WITH_VALUE | {
     "--max-cpu",
     "--max-memory",
     "--max-iobps",
+    "--time-limit",
+    "--env",
+    "--workdir",
 }
 _END_OF_OPTIONS = "--"
 
@@ -424,7 +552,12 @@ def parse(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Comm
         max_cpu=getattr(ns, "max_cpu", 0),
         max_memory=getattr(ns, "max_memory", 0),
         max_iobps=getattr(ns, "max_iobps", 0),
+        timeout_seconds=getattr(ns, "job_timeout", 0),
+        env=tuple(getattr(ns, "env", ())),
+        working_dir=getattr(ns, "workdir", ""),
         follow=getattr(ns, "follow", True),
+        offset=getattr(ns, "offset", 0),
+        tail=getattr(ns, "tail", None),
     )
 
 

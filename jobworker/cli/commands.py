@@ -1,4 +1,4 @@
-"""Running one parsed command against the server: the five commands and their output."""
+"""Running one parsed command against the server: the six commands and their output."""
 
 from __future__ import annotations
 
@@ -34,6 +34,9 @@ async def run(command: Command, stdout: BinaryIO, stderr: TextIO) -> int:
                 max_cpu=command.max_cpu,
                 max_memory=command.max_memory,
                 max_iobps=command.max_iobps,
+                timeout_seconds=command.timeout_seconds,
+                env=dict(command.env),
+                working_dir=command.working_dir,
             )
             text = render.as_json(created) if json else render.created(created)
         elif command.name == "get":
@@ -45,7 +48,10 @@ async def run(command: Command, stdout: BinaryIO, stderr: TextIO) -> int:
         elif command.name == "stop":
             result = await client.stop(command.job_id)
             text = render.as_json(result) if json else render.stopped(result)
-        else:  # the parser only produces the five names
+        elif command.name == "delete":
+            removed = await client.delete(command.job_id)
+            text = render.as_json(removed) if json else render.deleted(removed)
+        else:  # the parser only produces the six names
             raise AssertionError(f"unknown command {command.name}")
     stdout.write(text.encode())
     stdout.flush()
@@ -59,11 +65,10 @@ class OutputWriter:
     def __init__(self, stdout: BinaryIO, *, json_lines: bool) -> None:
         self._stdout = stdout
         self._json_lines = json_lines
-        self.offset = 0  # the stream starts at the job's first byte
 
-    def write(self, chunk: bytes) -> None:
-        data = render.chunk_json(self.offset, chunk).encode() if self._json_lines else chunk
-        self.offset += len(chunk)
+    def write(self, offset: int, chunk: bytes) -> None:
+        """Write ``chunk``, which starts at byte ``offset`` of the job's output."""
+        data = render.chunk_json(offset, chunk).encode() if self._json_lines else chunk
         # A blocking write on purpose: stdout is the user's terminal or pipe, and a
         # slow reader should slow the stream down (flow control does the rest).
         self._stdout.write(data)
@@ -74,37 +79,83 @@ async def stream(client: JobClient, command: Command, stdout: BinaryIO, stderr: 
     """Copy the job's output to stdout (see OutputWriter), flushed per chunk.
 
     GetJob first (so an unknown id is one error line, without a banner), then the stream
-    (with --follow=false: noFollow, the output that exists now); at its end, GetJob again to
-    report how the job ended: exit 1 with the status on stderr if it did not complete.
+    from --offset, or from the start of the last --tail lines (with --follow=false:
+    noFollow, the output that exists now). At its end, the job's status from the stream's
+    trailers (GetJob again from a server that does not send them): exit 1 with the status on
+    stderr if it did not complete.
     """
     job_id = command.job_id
     writer = OutputWriter(stdout, json_lines=command.output == "json")
     readable = await _may_get(client, job_id)
+    offset = command.offset
+    if command.tail is not None:
+        offset = await tail_start(client, job_id, command.tail)
     if command.follow and readable:
         stderr.write(f"Streaming logs for job {render.escape(job_id)} (Press Ctrl+C to exit):\n")
         stderr.flush()
-    async with client.stream(job_id, follow=command.follow) as output:
+    async with client.stream(job_id, follow=command.follow, offset=offset) as output:
         async for chunk in output:
-            writer.write(chunk)
-    if not readable:
+            writer.write(output.offset - len(chunk), chunk)
+    status, exit_code = output.status, output.exit_code
+    if status is None or exit_code is None:
+        if not readable:
+            return EXIT_OK
+        after = await client.get(job_id)
+        status, exit_code = after.status, after.exitCode
+    if status == "COMPLETED":
         return EXIT_OK
-    after = await client.get(job_id)
-    if after.status == "COMPLETED":
-        return EXIT_OK
-    if after.status in render.ENDED_STATUSES:
+    if status in render.ENDED_STATUSES:
         stderr.write(
-            f"Job {render.escape(job_id)} ended with status {render.escape(after.status)}"
-            f" (exit code {after.exitCode})\n"
+            f"Job {render.escape(job_id)} ended with status {render.escape(status)}"
+            f" (exit code {exit_code})\n"
         )
     elif not command.follow:
         return EXIT_OK  # still running: we printed the output so far
     else:
         stderr.write(
             f"Job {render.escape(job_id)} has not ended: the stream stopped with status"
-            f" {render.escape(after.status)}\n"
+            f" {render.escape(status)}\n"
         )
     stderr.flush()
     return EXIT_SERVER_ERROR
+
+
+# --tail reads the end of the output in windows until one holds the lines asked for: the
+# first fits the tail of most jobs in one read, each miss reads 4 times more, and the last
+# bounds the memory a tail of a job without newlines takes (it then starts that far back).
+TAIL_FIRST_WINDOW_BYTES = 64 * 1024
+TAIL_WINDOW_GROWTH = 4
+TAIL_MAX_WINDOW_BYTES = 64 * 1024 * 1024
+
+
+async def tail_start(client: JobClient, job_id: str, lines: int) -> int:
+    """The offset of the first of the last ``lines`` lines of the job's output now (a last
+    line without its newline counts; 0 lines: the end). Reads windows of the output's end
+    with noFollow streams, so the offset is exact, however the job writes on meanwhile."""
+    window = TAIL_FIRST_WINDOW_BYTES
+    while True:
+        async with client.stream(job_id, follow=False, offset=-window) as output:
+            data = b"".join([chunk async for chunk in output])
+        start = output.start_offset or 0  # a server without offsets sent it all, from 0
+        found = last_lines_start(data, lines)
+        if found is not None:
+            return start + found
+        if start == 0 or window >= TAIL_MAX_WINDOW_BYTES:
+            return start
+        window *= TAIL_WINDOW_GROWTH
+
+
+def last_lines_start(data: bytes, lines: int) -> int | None:
+    """Where the last ``lines`` lines of ``data`` begin, None if it holds fewer whole ones
+    (its first line may be cut)."""
+    if lines == 0:
+        return len(data)
+    at = len(data) - 1 if data.endswith(b"\n") else len(data)
+    for _ in range(lines):
+        at = data.rfind(b"\n", 0, at)
+        if at < 0:
+            return None
+    return at + 1
 
 
 async def _may_get(client: JobClient, job_id: str) -> bool:

@@ -68,7 +68,8 @@ def created(job: worker_pb2.CreateJobRes) -> str:
 
 def job_details(job: worker_pb2.GetJobRes) -> str:
     """The spec's "Id: ..." block, plus ExitCode once the job has ended, then what the server
-    says beyond the spec: Reason and Owner when it sends them, and Usage."""
+    says beyond the spec: Reason and Owner when it sends them, Usage, and Timeout, Env (as
+    shell words, by name) and WorkingDir when set."""
     text = (
         f"Id: {escape(job.id)}\n"
         f"Command: {command_line(job.command, job.args)}\n"
@@ -91,6 +92,12 @@ def job_details(job: worker_pb2.GetJobRes) -> str:
             f"Usage: cpu {usage.cpuSeconds:.2f} s, peak memory "
             f"{usage.peakMemoryBytes / 1e6:.1f} MB, output {usage.outputBytes:,} bytes\n"
         )
+    if job.timeoutSeconds:
+        text += f"Timeout: {job.timeoutSeconds} s\n"
+    if job.env:
+        text += f"Env: {' '.join(shell_word(f'{k}={v}') for k, v in sorted(job.env.items()))}\n"
+    if job.workingDir:
+        text += f"WorkingDir: {escape(job.workingDir)}\n"
     return text
 
 
@@ -104,6 +111,10 @@ def job_list(jobs: Sequence[worker_pb2.Job]) -> str:
 
 def stopped(result: worker_pb2.StopJobRes) -> str:
     return f"Job stopped successfully:\nID: {escape(result.id)}\nStatus: {escape(result.status)}\n"
+
+
+def deleted(result: worker_pb2.DeleteJobRes) -> str:
+    return f"Job deleted:\nID: {escape(result.id)}\n"
 
 
 def as_dict(message: Message) -> dict[str, object]:

@@ -26,7 +26,7 @@ import collections
 import functools
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +181,10 @@ class Call:
         self._changed = trio.Event()
         self._request_ended = False  # our END_STREAM is out: the stream is half-closed (local)
         self._closed = False
+        # The server's custom text metadata: with its response headers, and with its status
+        # (in a trailers-only response, all of it is trailers).
+        self.initial_metadata: dict[str, str] = {}
+        self.trailing_metadata: dict[str, str] = {}
 
     @property
     def finished(self) -> bool:
@@ -252,9 +256,13 @@ class Call:
         self._messages.append((data, flow_controlled_length))
         self._wake()
 
-    def _finish(self, status: Status) -> None:
+    def _started(self, metadata: Iterable[tuple[str, str | bytes]]) -> None:
+        self.initial_metadata = _text_metadata(metadata)
+
+    def _finish(self, status: Status, metadata: Iterable[tuple[str, str | bytes]] = ()) -> None:
         if not self.finished:
             self._status = status
+            self.trailing_metadata = _text_metadata(metadata)
         self._wake()
 
     def _fail(self, failure: Callable[[], RpcError]) -> None:
@@ -262,6 +270,16 @@ class Call:
             self._failure = failure
         self._connection.gates.opened(self.stream_id)
         self._wake()
+
+
+def _text_metadata(metadata: Iterable[tuple[str, str | bytes]]) -> dict[str, str]:
+    """Name -> value of the text entries (binary ``-bin`` ones are left out); the values of
+    a name sent more than once joined with commas, as HTTP joins repeated fields."""
+    found: dict[str, list[str]] = {}
+    for name, value in metadata:
+        if isinstance(value, str):
+            found.setdefault(name, []).append(value)
+    return {name: ",".join(values) for name, values in found.items()}
 
 
 class Connection:
@@ -432,10 +450,12 @@ class Connection:
         if isinstance(event, GoAway):
             self._on_goaway(event)
             return
-        if isinstance(event, ResponseReceived):
-            return
         stream_id = event.stream_id
         call = self._calls.get(stream_id)
+        if isinstance(event, ResponseReceived):
+            if call is not None:
+                call._started(event.custom_metadata)
+            return
         if isinstance(event, MessageReceived):
             if call is None:  # a call we already closed: just hand the credit back
                 self.acknowledge(stream_id, event.flow_controlled_length)
@@ -444,7 +464,7 @@ class Connection:
         elif call is None:
             return
         elif isinstance(event, ResponseEnded):
-            call._finish(event.status)
+            call._finish(event.status, event.custom_metadata)
         elif isinstance(event, StreamReset):
             call._fail(functools.partial(_reset_error, event.error_code))
         elif isinstance(event, StreamEnded) and not call.finished:

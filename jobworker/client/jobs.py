@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Protocol, Self, TypeVar
@@ -32,7 +32,12 @@ from jobworker.client.address import ServerAddress, parse_server
 from jobworker.client.connection import Call, Connection
 from jobworker.client.tls import client_ssl_context, open_tls_stream
 from jobworker.errors import ConnectError, DeadlineExceeded, RpcError, unwrap
-from jobworker.wire.contract import SERVICE_NAME
+from jobworker.wire.contract import (
+    EXIT_CODE_TRAILER,
+    OFFSET_HEADER,
+    SERVICE_NAME,
+    STATUS_TRAILER,
+)
 
 SERVICE = SERVICE_NAME
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
@@ -134,14 +139,23 @@ class JobClient:
         max_cpu: int = 0,
         max_memory: int = 0,
         max_iobps: int = 0,
+        *,
+        timeout_seconds: int = 0,
+        env: Mapping[str, str] | None = None,
+        working_dir: str = "",
     ) -> worker_pb2.CreateJobRes:
-        """CreateJob. Zero limits mean the server's defaults."""
+        """CreateJob. Zero limits (and a zero ``timeout_seconds``) mean the server's
+        defaults; ``env`` is added to the job's environment; ``working_dir`` "" means the
+        job's own scratch dir."""
         request = worker_pb2.CreateJobReq(
             command=command,
             args=list(args),
             maxCPU=max_cpu,
             maxMemory=max_memory,
             maxIOBPS=max_iobps,
+            timeoutSeconds=timeout_seconds,
+            env=dict(env or {}),
+            workingDir=working_dir,
         )
         return await self._unary("CreateJob", request, worker_pb2.CreateJobRes)
 
@@ -193,13 +207,21 @@ class JobClient:
         """StopJob."""
         return await self._unary("StopJob", worker_pb2.StopJobReq(id=job_id), worker_pb2.StopJobRes)
 
-    def stream(self, job_id: str, *, follow: bool = True) -> JobOutput:
+    async def delete(self, job_id: str) -> worker_pb2.DeleteJobRes:
+        """DeleteJob: remove an ended job, its output and its files (the id is never used
+        again). NOT_FOUND for an unknown id, FAILED_PRECONDITION for a job still running."""
+        request = worker_pb2.DeleteJobReq(id=job_id)
+        return await self._unary("DeleteJob", request, worker_pb2.DeleteJobRes)
+
+    def stream(self, job_id: str, *, follow: bool = True, offset: int = 0) -> JobOutput:
         """GetJobsStream as an async context manager yielding an iterator of output bytes.
 
         No deadline. Leaving the block before the end resets the stream. ``follow=False``
         (noFollow) ends the stream once the output that existed when it opened was sent.
+        ``offset``: the byte to start at; negative counts back from the end (README "Output").
+        To resume a stream that broke, open another at the broken one's ``offset``.
         """
-        return JobOutput(self._connection, job_id, follow=follow)
+        return JobOutput(self._connection, job_id, follow=follow, offset=offset)
 
     async def _unary(
         self, method: str, request: _Message, response_type: _Parser[_Response]
@@ -242,17 +264,57 @@ class JobOutput:
     was sent); a non-OK status raises RpcError, a dropped connection
     ConnectionLost. Leaving the block early (break, exception, cancellation)
     sends RST_STREAM(CANCEL) so the server stops streaming.
+
+    ``start_offset`` is where the stream started in the job's output, once the
+    server said so (with its first chunk; None before, and from a server that
+    does not: it started at byte 0, whatever was asked); ``offset`` the byte
+    after the last one yielded, where a new stream resumes with no gap and no
+    duplicate. Once iteration has ended, ``trailers`` holds the server's
+    trailing metadata (``status`` and ``exit_code`` the job's, from it).
     """
 
-    def __init__(self, connection: Connection, job_id: str, *, follow: bool = True) -> None:
+    def __init__(
+        self, connection: Connection, job_id: str, *, follow: bool = True, offset: int = 0
+    ) -> None:
         self._connection = connection
         self.job_id = job_id
         self.follow = follow
+        self.requested_offset = offset
         self._call: Call | None = None
         self.ended = False  # the server ended the stream with OK: every byte was delivered
+        self.start_offset: int | None = None
+        self._received = 0  # bytes yielded
+        self.trailers: dict[str, str] = {}
+
+    @property
+    def offset(self) -> int:
+        """The offset of the next byte: where a stream that resumes this one starts."""
+        if self.start_offset is not None:
+            return self.start_offset + self._received
+        if self.requested_offset >= 0 and not self._received:
+            return self.requested_offset  # nothing received yet: still where we asked
+        return self._received  # a server without offsets starts at byte 0
+
+    @property
+    def status(self) -> str | None:
+        """The job's status when the stream ended (``jobworker-status``), None if the
+        server did not say (or the stream has not ended)."""
+        return self.trailers.get(STATUS_TRAILER)
+
+    @property
+    def exit_code(self) -> int | None:
+        """The job's exit code as sent when the stream ended (``jobworker-exit-code``: 0
+        while it runs, -1 unknown), None if the server did not say."""
+        text = self.trailers.get(EXIT_CODE_TRAILER)
+        try:
+            return None if text is None else int(text)
+        except ValueError:
+            return None
 
     async def __aenter__(self) -> Self:
         request = worker_pb2.GetJobsStreamReq(id=self.job_id, noFollow=not self.follow)
+        if self.requested_offset:  # unset, the request is byte for byte the spec's
+            request.offset = self.requested_offset
         self._call = await self._connection.open_call(
             f"/{SERVICE}/GetJobsStream", request.SerializeToString(), None
         )
@@ -271,13 +333,28 @@ class JobOutput:
         return self
 
     async def __anext__(self) -> bytes:
-        if self._call is None:
+        call = self._call
+        if call is None:
             raise RuntimeError("use 'async with client.stream(id) as output' first")
         while True:
-            data = await self._call.receive_message()
+            data = await call.receive_message()
             if data is None:
                 self.ended = True
+                self.trailers = call.trailing_metadata
+                if self.start_offset is None:  # a trailers-only end carries it there
+                    self.start_offset = _offset(self.trailers)
                 raise StopAsyncIteration
+            if self.start_offset is None:
+                self.start_offset = _offset(call.initial_metadata)
             payload: bytes = _decode(worker_pb2.DataChunk, data).payload
             if payload:
+                self._received += len(payload)
                 return payload
+
+
+def _offset(metadata: dict[str, str]) -> int | None:
+    text = metadata.get(OFFSET_HEADER)
+    try:
+        return None if text is None else int(text)
+    except ValueError:
+        return None

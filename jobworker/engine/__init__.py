@@ -17,13 +17,20 @@ from jobworker.engine.model import (
 )
 from jobworker.engine.output import OutputReader
 from jobworker.engine.store import LOST_REASON
-from jobworker.engine.supervision import SHUTDOWN_REASON, STOP_GRACE_S, STOPPED_REASON
+from jobworker.engine.supervision import (
+    SHUTDOWN_REASON,
+    STOP_GRACE_S,
+    STOPPED_REASON,
+    TIMED_OUT_PREFIX,
+    timed_out_reason,
+)
 
 __all__ = [
     "LOST_REASON",
     "SHUTDOWN_REASON",
     "STOPPED_REASON",
     "STOP_GRACE_S",
+    "TIMED_OUT_PREFIX",
     "JobManager",
     "JobRecord",
     "JobSpec",
@@ -33,5 +40,6 @@ __all__ = [
     "Usage",
     "open_job_manager",
     "rfc3339",
+    "timed_out_reason",
     "utc_now",
 ]

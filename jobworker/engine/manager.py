@@ -22,7 +22,14 @@ from jobworker.cgroups.null import NullController
 from jobworker.engine.job import Job
 from jobworker.engine.model import JobRecord, JobSpec, JobStatus, Usage, utc_now
 from jobworker.engine.output import OutputLog, OutputReader
-from jobworker.engine.spec import job_environment, resolve_command, validate_spec
+from jobworker.engine.spec import (
+    applied_timeout,
+    check_working_dir,
+    job_environment,
+    job_search_path,
+    resolve_command,
+    validate_spec,
+)
 from jobworker.engine.store import JobStore, LoadedJobs
 from jobworker.engine.supervision import (
     CLEANUP_TIMEOUT_S,
@@ -34,9 +41,12 @@ from jobworker.engine.supervision import (
 from jobworker.errors import (
     CommandNotExecutable,
     DataDiskFull,
+    InvalidJobSpec,
+    JobIsRunning,
     JobNotFound,
     JobNotRunning,
     JobStartFailed,
+    echo,
 )
 from jobworker.launch.isolation import cgroup_mounts
 from jobworker.launch.launcher import Launcher
@@ -73,6 +83,11 @@ def default_min_free_disk(total_bytes: int) -> int:
 # At shutdown, how long a job whose processes survive SIGKILL is killed again before the
 # manager gives up on it (its record then stays unended and the next start sweeps it).
 SURVIVOR_WAIT_S = CLEANUP_TIMEOUT_S
+# A delete ends the job's streams at their next message; one still open after this long is
+# stuck on a client that does not read, and is cancelled (then waited for at most
+# STREAM_CANCEL_WAIT_S: a file read in flight finishes first).
+DELETE_STREAM_PATIENCE_S = 1.0
+STREAM_CANCEL_WAIT_S = 2.0
 
 
 class JobManager:
@@ -92,6 +107,8 @@ class JobManager:
         pids_max: int,
         next_id: int,
         min_free_disk: int,
+        default_timeout: int | None = None,
+        max_timeout: int | None = None,
     ) -> None:
         self._nursery = nursery
         self._store = store
@@ -105,6 +122,8 @@ class JobManager:
         self._pids_max = pids_max
         self._next_id = next_id
         self._min_free_disk = min_free_disk
+        self._default_timeout = default_timeout
+        self._max_timeout = max_timeout
         self._env = job_environment()
         self._jobs: dict[str, Job] = {}
         self._closing = False
@@ -130,7 +149,8 @@ class JobManager:
     async def create(self, spec: JobSpec) -> JobRecord:
         """Validate ``spec``, then start the job; return once its process runs.
 
-        Raises InvalidJobSpec (CommandNotFound, CommandNotExecutable, LimitRefused) before
+        Raises InvalidJobSpec (CommandNotFound, CommandNotExecutable, LimitRefused, a bad
+        env, time limit or working directory) before
         anything is made: no id is used, nothing is written; so does DataDiskFull while the
         data disk has less free space than the floor, and when the disk fills up before the
         job's first files are made (what was made is removed; the id is given back unless a
@@ -144,9 +164,12 @@ class JobManager:
         if self._closing:
             raise JobStartFailed("the worker is shutting down")
         limits = validate_spec(spec, pids_max=self._pids_max)
+        timeout = applied_timeout(
+            spec.timeout_seconds, default=self._default_timeout, maximum=self._max_timeout
+        )
         # One thread hop for every check that touches the disk: under load a hop costs as
         # much as a process spawn (see docs/benchmarks.md).
-        executable, free = await trio.to_thread.run_sync(self._check_command, spec.command)
+        executable, free = await trio.to_thread.run_sync(self._check_paths, spec)
         if free < self._min_free_disk:
             log.warning(
                 "create refused: data disk full (%d bytes free, floor %d)",
@@ -180,8 +203,10 @@ class JobManager:
         request = LaunchRequest(
             job_id=job_id,
             argv=[executable, *spec.args],
-            env={**self._env, "HOME": work_dir},
+            # The client's variables last: PATH, HOME and LANG may be overridden too.
+            env={**self._env, "HOME": work_dir, **spec.env},
             work_dir=work_dir,
+            cwd=spec.working_dir,
             isolation=self._isolation,
             hidden=self._hidden,
             cgroup_mounts=self._cgroup_mounts,
@@ -196,6 +221,9 @@ class JobManager:
             status=JobStatus.INITIALIZING,
             start_time=utc_now(),
             owner=spec.owner,
+            timeout_s=timeout,
+            env=dict(spec.env),
+            working_dir=spec.working_dir,
         )
         job = SupervisedJob(
             record,
@@ -225,12 +253,19 @@ class JobManager:
             raise
         return job.record
 
-    def _check_command(self, command: str) -> tuple[str, int]:
-        """(the command's absolute path, free bytes on the data disk). Raises InvalidJobSpec
-        for a command that cannot be run by the job's user. Blocking: run in a thread."""
-        executable = resolve_command(command)
+    def _check_paths(self, spec: JobSpec) -> tuple[str, int]:
+        """(the command's absolute path, looked up in the job's PATH; free bytes on the data
+        disk). Raises InvalidJobSpec for a command that the job's user cannot run, or a
+        working directory it cannot use. Blocking: run in a thread."""
+        executable = resolve_command(spec.command, job_search_path(spec.env))
         if not self._users.may_execute(executable):
             raise CommandNotExecutable(executable, "permission denied for the job user")
+        if spec.working_dir:
+            check_working_dir(spec.working_dir, self._hidden)
+            if not self._users.may_enter(spec.working_dir):
+                raise InvalidJobSpec(
+                    f"working directory is not usable by the job user: {echo(spec.working_dir)}"
+                )
         free, _ = self._store.free_bytes()
         return executable, free
 
@@ -260,9 +295,12 @@ class JobManager:
     async def _follow(
         self, job_id: str, offset: int, max_chunk: int, snapshot: bool
     ) -> AsyncIterator[OutputReader]:
-        output = self._job(job_id).output
-        async with output.follow(offset, max_chunk, snapshot=snapshot) as reader:
-            yield reader
+        job = self._job(job_id)
+        with job.stream_scope() as scope:
+            async with job.output.follow(offset, max_chunk, snapshot=snapshot) as reader:
+                yield reader
+        if scope.cancelled_caught:
+            raise JobNotFound(job_id)  # cut off by a delete (Job.end_streams)
 
     def follow(
         self, job_id: str, offset: int = 0, max_chunk: int = 65536, *, snapshot: bool = False
@@ -270,9 +308,43 @@ class JobManager:
         """The job's output from ``offset``: history, then live data, ending once the job has
         ended and every byte was delivered; with ``snapshot``, ending at the length the output
         had on enter (what is there so far). Raises JobNotFound on enter, OutputLost while
-        reading a log that is gone. Leaving the context (or cancellation) releases the reader
-        at once."""
+        reading a log that is gone. A delete of the job ends it (see ``delete``): the end if
+        every byte had been delivered, else JobNotFound. Leaving the context (or
+        cancellation) releases the reader at once."""
         return self._follow(job_id, offset, max_chunk, snapshot)
+
+    async def delete(self, job_id: str) -> JobRecord:
+        """Remove an ended job for good: its record, output and work dir; return its last
+        record. Raises JobNotFound, or JobIsRunning unless the job has ended (a job whose
+        final record is being written is waited for: milliseconds).
+
+        From the first moment the job is unknown (get, stop, follow raise JobNotFound, lists
+        leave it out). Its streams end first: each at its next message, the end if it had
+        delivered every byte, JobNotFound otherwise; one stuck on a client that does not read
+        is cancelled after DELETE_STREAM_PATIENCE_S. Then the files go, off the event loop
+        and durably (JobStore.delete), after the id high-water mark is saved: the id is
+        never given again, also after a restart. Cancelling the caller does not stop a
+        delete once begun. If the disk refuses the mark or the rename (OSError, re-raised),
+        the job is back as it was, its files untouched."""
+        job = self._job(job_id)
+        if job.status.is_terminal and not job.ended.is_set():
+            await job.ended.wait()  # its final record is being written: milliseconds
+            job = self._job(job_id)  # a concurrent delete may have taken it meanwhile
+        if not (job.status.is_terminal and job.ended.is_set()):
+            raise JobIsRunning(job_id)
+        # No checkpoint since the lookup: one delete wins, the others get JobNotFound.
+        del self._jobs[job_id]
+        with trio.CancelScope(shield=True):  # the job is gone from the table: finish the job
+            await job.end_streams(DELETE_STREAM_PATIENCE_S, STREAM_CANCEL_WAIT_S)
+            try:
+                await trio.to_thread.run_sync(self._store.delete, job_id, self._next_id)
+            except OSError as exc:
+                log.warning("job %s: cannot delete it: %s", job_id, exc.strerror or exc)
+                job.output.removed = False
+                self._jobs[job_id] = job
+                raise
+        log.info("job %s deleted", job_id)
+        return job.record
 
     def output_size(self, job_id: str) -> int:
         """Bytes of output the job has written so far. Raises JobNotFound."""
@@ -332,6 +404,8 @@ async def open_job_manager(
     hidden: Sequence[Path] = (),
     pids_max: int = DEFAULT_PIDS_MAX,
     min_free_disk: int | None = None,
+    default_timeout: int | None = None,
+    max_timeout: int | None = None,
 ) -> AsyncIterator[JobManager]:
     """Load the records of ``data_dir`` (INITIALIZING/RUNNING ones become LOST), sweep stale
     cgroups, and run the nursery that owns every job. ``controller`` None means no cgroups
@@ -339,8 +413,11 @@ async def open_job_manager(
     ``isolation`` None means none (jobs share the host's namespaces); ``users`` None means
     jobs run as the server's user; ``hidden`` are the paths a job with its own mount
     namespace must not see (the data dir always is one); ``min_free_disk`` None means
-    ``default_min_free_disk`` of the data disk. Raises DataDirUnusable if ``jobs/`` is not a
-    usable directory. The load is cancellable: it checks for cancellation between batches.
+    ``default_min_free_disk`` of the data disk; ``default_timeout`` is the time limit (in
+    seconds) of a job that asks for none, ``max_timeout`` the most a job may ask for (None:
+    no default, no maximum). Raises DataDirUnusable if ``jobs/`` is not a
+    usable directory, or if ``next-id`` (the id high-water mark) is unreadable. The load is
+    cancellable: it checks for cancellation between batches.
 
     On exit or cancellation every running job is stopped through the normal stop path
     (status STOPPED, reason "worker shutdown") and persisted; no process is left behind;
@@ -388,6 +465,8 @@ async def open_job_manager(
                     pids_max=pids_max,
                     next_id=loaded.highest_id + 1,
                     min_free_disk=floor,
+                    default_timeout=default_timeout,
+                    max_timeout=max_timeout,
                 )
                 for record in loaded.records:
                     manager._add_loaded(record, loaded.output_lengths[record.id])
@@ -414,6 +493,8 @@ async def _load(store: JobStore) -> LoadedJobs:
     """Every record of the store, read in batches (a checkpoint between each)."""
     log.info("loading job records from %s", store.jobs_dir)
     names, highest = await trio.to_thread.run_sync(store.scan)
+    # Deleted jobs took their directories with them: the saved mark still counts their ids.
+    highest = max(highest, await trio.to_thread.run_sync(store.read_next_id) - 1)
     records: list[JobRecord] = []
     lengths: dict[str, int | None] = {}
     found_lost: list[str] = []

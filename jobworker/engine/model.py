@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from jobworker.cgroups.base import (
@@ -53,7 +54,9 @@ class JobStatus(enum.StrEnum):
 @dataclass(frozen=True)
 class JobSpec:
     """What a client asks for, and who asks (``owner``: the CN of its certificate). Zero
-    limits mean "the default"; validation fills them in."""
+    limits mean "the default"; validation fills them in. ``timeout_seconds`` 0 means the
+    server's default time limit; ``env`` is added to the job's clean environment;
+    ``working_dir`` empty means the job's own scratch dir."""
 
     command: str
     args: tuple[str, ...] = ()
@@ -61,6 +64,9 @@ class JobSpec:
     max_memory: int = 0
     max_iobps: int = 0
     owner: str = ""
+    timeout_seconds: int = 0
+    env: Mapping[str, str] = field(default_factory=dict)
+    working_dir: str = ""
 
 
 @dataclass(frozen=True)
@@ -72,8 +78,11 @@ class JobRecord:
     while the job runs (the API shows 0). ``reason`` is for people:
     "exited with status 3", "stopped by request", "killed by signal 9",
     "out of memory (limit 50 MB)", "could not start: ...",
-    "worker restarted while the job was running", "worker shutdown". ``owner`` is who
-    created it (empty for records from before owners were kept).
+    "worker restarted while the job was running", "worker shutdown",
+    "timed out after 30 s". ``owner`` is who created it (empty for records from before
+    owners were kept). ``timeout_s`` is the applied time limit in seconds (0: none), ``env``
+    the variables the client added (as requested), ``working_dir`` the cwd it asked for
+    (empty: the job's scratch dir).
     """
 
     id: str
@@ -88,6 +97,9 @@ class JobRecord:
     usage: Usage = field(default_factory=Usage)
     output_bytes: int = 0
     owner: str = ""
+    timeout_s: int = 0
+    env: Mapping[str, str] = field(default_factory=dict)
+    working_dir: str = ""
 
 
 def utc_now() -> dt.datetime:

@@ -42,7 +42,7 @@ from jobworker.engine.disk import (
     open_safely,
     run_with_reserve,
 )
-from jobworker.errors import OutputLost
+from jobworker.errors import JobNotFound, OutputLost
 
 __all__ = ["LIVE_WINDOW_CHUNKS", "OutputLog", "OutputReader", "loss_marker"]
 
@@ -122,6 +122,7 @@ class OutputLog:
         self.path = path
         self.job_id = job_id
         self.missing = missing  # a loaded job whose file is gone: readers get OutputLost
+        self.removed = False  # the job is being deleted: readers end at their next message
         self._reserve = reserve
         self._live_window = live_window
         self.length = length
@@ -288,7 +289,9 @@ class OutputReader:
     from the file, then live data, ending once the job has ended and every byte up to the
     final length was delivered (with ``snapshot``: every byte up to the length when the
     reader was made, never live data). Raises OutputLost if the file is missing, shorter
-    than its length, or no longer a regular file of ours. One consumer task at a time."""
+    than its length, or no longer a regular file of ours; once its job is being deleted, it
+    ends at the next message (JobNotFound, or the end if nothing was left to deliver). One
+    consumer task at a time."""
 
     def __init__(
         self, output: OutputLog, offset: int, max_chunk: int, *, snapshot: bool = False
@@ -311,6 +314,15 @@ class OutputReader:
     def __aiter__(self) -> OutputReader:
         return self
 
+    def _end_if_removed(self) -> None:
+        """The job is being deleted: end here, between two messages. StopAsyncIteration if
+        every byte this reader was to deliver has been, JobNotFound otherwise."""
+        if self._log.removed:
+            end = self._log.length if self._end is None else self._end
+            if self.offset >= end:
+                raise StopAsyncIteration
+            raise JobNotFound(self._log.job_id)
+
     def _take_pending(self) -> bytes:
         out = bytes(self._pending[: self._max_chunk])
         self._pending = self._pending[len(out) :]
@@ -319,6 +331,7 @@ class OutputReader:
 
     async def __anext__(self) -> bytes:
         while True:
+            self._end_if_removed()
             if self._pending:
                 return self._take_pending()
             if self._receive is not None:

@@ -1,4 +1,5 @@
-"""Checking a job spec before anything starts: limits, command, arguments, environment.
+"""Checking a job spec before anything starts: limits, command, arguments, environment,
+time limit and working directory.
 
 Everything here either returns what the job will run with or raises an
 InvalidJobSpec subclass whose message is written for the client.
@@ -10,7 +11,7 @@ import errno
 import os
 import stat
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from jobworker.engine.model import (
     DEFAULT_CPU_PERCENT,
@@ -34,9 +35,14 @@ __all__ = [
     "MAX_ARGS_BYTES",
     "MAX_ARG_STRLEN",
     "MAX_COMMAND_BYTES",
+    "MAX_ENV_BYTES",
+    "MAX_TIMEOUT_SECONDS",
     "MIN_MEMORY_MB",
+    "applied_timeout",
+    "check_working_dir",
     "host_memory_mb",
     "job_environment",
+    "job_search_path",
     "resolve_command",
     "validate_spec",
 ]
@@ -51,6 +57,11 @@ MIN_MEMORY_MB = 4
 MAX_ARGS_BYTES = 1 << 20
 # Linux's PATH_MAX: no longer command can be executed (and errors echo the command).
 MAX_COMMAND_BYTES = 4096
+# Our bound on the variables a client adds (names and values): room for any real
+# configuration, far below what the kernel takes at exec, which is checked as well.
+MAX_ENV_BYTES = 64 * 1024
+# timeoutSeconds is an int32 on the wire.
+MAX_TIMEOUT_SECONDS = 2**31 - 1
 
 # What execve accepts, checked here so that a job the kernel would refuse never gets an id.
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -61,9 +72,10 @@ MAX_ARG_STRLEN = 32 * PAGE_SIZE
 # rlimit, which glibc reports as ARG_MAX; the kernel caps it at 3/4 of its 8 MiB stack default
 # (glibc does not, for an unlimited stack).
 KERNEL_ARG_MAX_CAP = 6 << 20
-# What the launch takes from that room besides the job's arguments: the environment, the shim
-# (its script names one cgroup.procs file per hierarchy) and the directory that PATH lookup
-# puts in front of the command. Generous: a refusal here is clear, an E2BIG at exec is not.
+# What the launch takes from that room besides the job's arguments and the variables the client
+# adds (counted with them): the base environment, the shim (its script names one cgroup.procs
+# file per hierarchy) and the directory that PATH lookup puts in front of the command.
+# Generous: a refusal here is clear, an E2BIG at exec is not.
 LAUNCH_RESERVE_BYTES = 32 << 10
 EXEC_ARGS_BUDGET = min(os.sysconf("SC_ARG_MAX"), KERNEL_ARG_MAX_CAP) - LAUNCH_RESERVE_BYTES
 RELATIVE_REFUSED = (
@@ -111,13 +123,19 @@ def validate_spec(spec: JobSpec, *, pids_max: int = DEFAULT_PIDS_MAX) -> Limits:
             f"command must be at most {MAX_COMMAND_BYTES} bytes, got {command_bytes}"
         )
     total = _check_args(spec.args)
-    # argv as execve sees it: each string with its NUL, one pointer per string and the NULL.
+    env_bytes = _check_env(spec.env)
+    # argv as execve sees it: each string with its NUL, one pointer per string and the NULL;
+    # envp likewise, each variable as NAME=VALUE.
     argc = 1 + len(spec.args)
     exec_bytes = command_bytes + total + argc + POINTER_BYTES * (argc + 1)
+    if spec.env:
+        exec_bytes += env_bytes + 2 * len(spec.env) + POINTER_BYTES * len(spec.env)
     if exec_bytes > EXEC_ARGS_BUDGET:
+        what = "args and env exceed" if spec.env else "args exceed"
+        strings = "arguments, environment" if spec.env else "arguments"
         raise InvalidJobSpec(
-            f"args exceed the kernel's limit for one exec (ARG_MAX): {exec_bytes} bytes of"
-            f" arguments, NULs and pointers, at most {EXEC_ARGS_BUDGET}"
+            f"{what} the kernel's limit for one exec (ARG_MAX): {exec_bytes} bytes of"
+            f" {strings}, NULs and pointers, at most {EXEC_ARGS_BUDGET}"
         )
     return Limits(
         cpu_percent=spec.max_cpu or DEFAULT_CPU_PERCENT,
@@ -162,6 +180,80 @@ def _check_args(args: Sequence[str]) -> int:
     return total
 
 
+def _check_env(env: Mapping[str, str]) -> int:
+    """The variables' total size in bytes (names and values), once each name is known to be
+    a name execve can pass (not empty, no ``=``, no NUL) and each value to hold no NUL."""
+    total = 0
+    for name, value in env.items():
+        if not name:
+            raise InvalidJobSpec("env names must not be empty")
+        if "\0" in name:
+            raise InvalidJobSpec("env names must not contain NUL bytes")
+        if "=" in name:
+            raise InvalidJobSpec(f"env names must not contain '=': {echo(name)}")
+        if "\0" in value:
+            raise InvalidJobSpec(f"env value of {echo(name)} must not contain NUL bytes")
+        if not (_encodes(name) and _encodes(value)):
+            raise InvalidJobSpec(f"env variable {echo(name)} must be valid text")
+        total += len(os.fsencode(name)) + len(os.fsencode(value))
+    if total > MAX_ENV_BYTES:
+        raise InvalidJobSpec(f"env must total at most 64 KiB (names and values), got {total} bytes")
+    return total
+
+
+def applied_timeout(requested: int, *, default: int | None, maximum: int | None) -> int:
+    """The time limit a job runs under, in seconds (0: none): ``requested``, or for 0 the
+    server's ``default``, or (no default) its ``maximum``: a limit that a client could
+    escape by leaving the field out would be none. Raises InvalidJobSpec for a negative
+    request or one above ``maximum``."""
+    if requested < 0:
+        raise InvalidJobSpec(f"timeoutSeconds must not be negative, got {requested}")
+    if maximum is not None and requested > maximum:
+        raise InvalidJobSpec(
+            f"timeoutSeconds must be at most {maximum} (the server's --max-job-timeout),"
+            f" got {requested}"
+        )
+    if requested:
+        return requested
+    return default or maximum or 0
+
+
+def job_search_path(env: Mapping[str, str]) -> str:
+    """The PATH a job's command is looked up in: the client's, if it set one."""
+    return env.get("PATH", JOB_PATH)
+
+
+def check_working_dir(path: str, hidden: Sequence[str]) -> str:
+    """Refuse a requested working directory that is not an absolute path to an existing
+    directory, or that lies in one of the ``hidden`` directories (the server's data and
+    certs dirs, which no job may see); return it as given. Whether the job's user may enter
+    it is the caller's check (it knows the user). Blocking (stat): run in a thread.
+
+    Raises InvalidJobSpec: ``working directory must be an absolute path: P``, ``... not
+    found: P``, ``... is not a directory: P``, ``... is hidden from jobs: P``."""
+    if "\0" in path:
+        raise InvalidJobSpec("working directory must not contain NUL bytes")
+    if not path.startswith("/"):
+        raise InvalidJobSpec(f"working directory must be an absolute path: {echo(path)}")
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise InvalidJobSpec(f"working directory not found: {echo(path)}") from None
+    except NotADirectoryError:
+        raise InvalidJobSpec(f"working directory is not a directory: {echo(path)}") from None
+    except OSError as exc:
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise InvalidJobSpec(f"working directory unusable: {echo(path)} ({why})") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise InvalidJobSpec(f"working directory is not a directory: {echo(path)}")
+    real = os.path.realpath(path)
+    for directory in hidden:
+        root = os.path.realpath(directory)
+        if real == root or real.startswith(root.rstrip("/") + "/"):
+            raise InvalidJobSpec(f"working directory is hidden from jobs: {echo(path)}")
+    return path
+
+
 def _encodes(text: str) -> bool:
     try:
         os.fsencode(text)
@@ -199,7 +291,8 @@ def resolve_command(command: str, search_path: str = JOB_PATH) -> str:
     """The absolute path to execute for ``command``, resolved like execvp would with the
     job's PATH (not the server's). A command containing a slash is never searched: it must
     be absolute, since a job runs in a fresh work dir of its own where a relative path could
-    name nothing the client knows. Blocking (stat calls): run in a thread.
+    name nothing the client knows; for the same reason relative PATH entries (an empty one
+    included) are skipped. Blocking (stat calls): run in a thread.
 
     Raises CommandNotFound, CommandNotExecutable when the only matches cannot be run, or
     CommandPathRefused (a relative path, a symbolic link loop).
@@ -215,7 +308,9 @@ def resolve_command(command: str, search_path: str = JOB_PATH) -> str:
         return command  # as given: the kernel resolves "..", symbolic links and all
     refused: tuple[str, str] | None = None
     for directory in search_path.split(":"):
-        candidate = os.path.join(directory or ".", command)
+        if not directory.startswith("/"):
+            continue  # relative (or empty: "."): the server's cwd is nothing of the job's
+        candidate = os.path.join(directory, command)
         why = _why_not_executable(candidate)
         if why is None:
             return os.path.abspath(candidate)

@@ -18,6 +18,11 @@ UTF-8, numbers that fit their wire fields, timestamps that convert to UTC).
 Anything else is skipped with one WARNING naming it. A save writes a temporary
 file of a fresh name (created exclusively), so nothing planted in a job's
 directory can make it block, follow a link or fail for good.
+
+Ids are never reused. A deleted job's directory is renamed out of the way
+(``jobs/.deleted.<id>.<random>``, which the next start removes if the delete
+was cut short) and ``<data-dir>/next-id`` records, before that, the lowest id
+no job has had: a restart continues after it even when the highest ids are gone.
 """
 
 from __future__ import annotations
@@ -63,6 +68,11 @@ LOST_REASON = "worker restarted while the job was running"
 RECORD_NAME = "job.json"
 OUTPUT_NAME = "output.log"
 WORK_NAME = "work"
+NEXT_ID_NAME = "next-id"  # in the data dir: the high-water mark of ids (see the module doc)
+# A job directory being deleted: renamed to this prefix, then removed (a leftover is removed at
+# the next start). Not a number, so never loaded as a job.
+DELETED_PREFIX = ".deleted."
+MAX_NEXT_ID_BYTES = 32  # a decimal number and a newline
 
 
 def record_to_json(record: JobRecord) -> dict[str, Any]:
@@ -89,6 +99,9 @@ def record_to_json(record: JobRecord) -> dict[str, Any]:
         },
         "output_bytes": record.output_bytes,
         "owner": record.owner,
+        "timeout_s": record.timeout_s,
+        "env": dict(record.env),
+        "working_dir": record.working_dir,
     }
 
 
@@ -115,6 +128,12 @@ def _str(value: object) -> str:
         raise TypeError("expected a string")
     value.encode()  # UnicodeEncodeError for a lone surrogate ("\ud800" in the JSON)
     return value
+
+
+def _env(value: object) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise TypeError("expected an object")
+    return {_str(name): _str(text) for name, text in value.items()}
 
 
 def _time(value: object) -> dt.datetime:
@@ -175,6 +194,10 @@ def record_from_json(data: dict[str, Any]) -> JobRecord:
         ),
         output_bytes=_int(data.get("output_bytes", 0)),
         owner=_str(data.get("owner", "")),
+        # Records from before time limits, env and working directories: none of them.
+        timeout_s=_int32(data.get("timeout_s", 0)),
+        env=_env(data.get("env", {})),
+        working_dir=_str(data.get("working_dir", "")),
     )
 
 
@@ -182,27 +205,71 @@ class DataDirUnusable(Exception):
     """Raised at start when ``<data-dir>/jobs`` is not a directory this server can use."""
 
 
-# A record is a few hundred bytes plus the job's arguments (bounded by the request size):
+# A record is a few hundred bytes plus the job's arguments and env (bounded by validation):
 # anything larger was not written by us.
 MAX_RECORD_BYTES = 2 * 1024 * 1024
-# Temporary records: ".job.json.<random>.tmp" (and ".job.json.tmp", the name of older saves).
-TEMP_PREFIX = f".{RECORD_NAME}."
+# Temporary files of atomic writes: ".job.json.<random>.tmp" (and ".job.json.tmp", the name
+# of older saves), ".next-id.<random>.tmp".
 TEMP_SUFFIX = ".tmp"
 
 
-def _is_temporary(name: str) -> bool:
-    return name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX)
+def _is_temporary(name: str, final_name: str = RECORD_NAME) -> bool:
+    return name.startswith(f".{final_name}.") and name.endswith(TEMP_SUFFIX)
 
 
-def _remove_temporaries(directory: Path, job_id: str) -> None:
-    """Remove what saves cut short by a crash left in a job's directory, and whatever else
-    carries such a name (a job may have planted a directory, a fifo, a symlink): never
-    followed out of the directory. What cannot be removed is left, with a WARNING."""
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomically(directory: Path, name: str, payload: bytes, *, durable: bool) -> None:
+    """Replace ``directory/name`` by ``payload`` atomically: a temporary file of a fresh name
+    (``.<name>.<random>.tmp``, created exclusively, never following a link), written, renamed
+    over. ``durable`` fsyncs the file, then the directory after the rename. On failure the
+    temporary file is removed and OSError raised: the previous file is still in place."""
+    temp = directory / f".{name}.{secrets.token_hex(8)}{TEMP_SUFFIX}"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(temp, flags, 0o600)
+    try:
+        try:
+            view = memoryview(payload)
+            while view:
+                view = view[os.write(fd, view) :]
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, directory / name)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    if durable:
+        _fsync_dir(directory)
+
+
+def _remove_tree(path: str | Path) -> None:
+    """Remove ``path`` (a directory: fd-based, never following a symlink out of it; anything
+    else: unlinked). Raises OSError, or RecursionError for a tree nested too deep."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+def _remove_temporaries(directory: Path, label: str, final_name: str = RECORD_NAME) -> None:
+    """Remove what saves of ``final_name`` cut short by a crash left in ``directory`` (a job's,
+    or the data dir), and whatever else carries such a name (a job may have planted a
+    directory, a fifo, a symlink): never followed out of the directory. What cannot be
+    removed is left, with a WARNING."""
     try:
         with os.scandir(directory) as entries:
-            found = [entry for entry in entries if _is_temporary(entry.name)]
+            found = [entry for entry in entries if _is_temporary(entry.name, final_name)]
     except OSError as exc:
-        log.warning("job %s: cannot look for temporary records in %s: %s", job_id, directory, exc)
+        log.warning("%s: cannot look for temporary files in %s: %s", label, directory, exc)
         return
     for entry in found:
         try:
@@ -211,7 +278,7 @@ def _remove_temporaries(directory: Path, job_id: str) -> None:
             else:
                 os.unlink(entry.path)
         except (OSError, RecursionError) as exc:  # RecursionError: a tree nested too deep
-            log.warning("job %s: cannot remove %s: %s", job_id, entry.path, exc)
+            log.warning("%s: cannot remove %s: %s", label, entry.path, exc)
 
 
 def _read_record(path: Path, job_id: str) -> JobRecord:
@@ -232,6 +299,14 @@ def _read_record(path: Path, job_id: str) -> JobRecord:
     if record.id != job_id:
         raise ValueError(f"record says id {record.id!r}")
     return record
+
+
+def _parse_next_id(fd: int) -> int:
+    check_own_regular_file(fd, max_bytes=MAX_NEXT_ID_BYTES)
+    text = os.read(fd, MAX_NEXT_ID_BYTES + 1).decode("ascii").strip()
+    if not text.isdigit():
+        raise ValueError("not a number")
+    return int(text)
 
 
 def _output_length(path: Path) -> tuple[int | None, str]:
@@ -277,6 +352,8 @@ class JobStore:
         self._unsaved: dict[str, tuple[JobRecord, bool]] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._table_lock = threading.Lock()
+        self._next_id_saved = 0  # the high-water mark on disk (read_next_id, then delete)
+        self._next_id_lock = threading.Lock()
 
     def _lock_for(self, job_id: str) -> threading.Lock:
         with self._table_lock:
@@ -370,6 +447,78 @@ class JobStore:
             return False
         return True
 
+    def read_next_id(self) -> int:
+        """The high-water mark of ids in ``<data-dir>/next-id``: no job ever had this id or a
+        higher one (0 if the file does not exist). Removes temporary files a crash left.
+        Raises DataDirUnusable if the file is there but is not a number we wrote: ids could
+        no longer be kept unique."""
+        path = self.data_dir / NEXT_ID_NAME
+        _remove_temporaries(self.data_dir, "data dir", NEXT_ID_NAME)
+        try:
+            fd = open_safely(path)
+        except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            why = "a symbolic link" if exc.errno == errno.ELOOP else (exc.strerror or str(exc))
+            raise DataDirUnusable(f"cannot use {path}: {why}") from None
+        try:
+            value = _parse_next_id(fd)
+        except (OSError, UnsafeFile, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+            raise DataDirUnusable(f"cannot use {path}: {exc}") from None
+        finally:
+            os.close(fd)
+        with self._next_id_lock:
+            self._next_id_saved = max(self._next_id_saved, value)
+        return value
+
+    def _save_next_id(self, next_id: int) -> None:
+        """Raise the high-water mark on disk to ``next_id`` (durably) unless it is there."""
+        with self._next_id_lock:
+            if next_id <= self._next_id_saved:
+                return
+            payload = f"{next_id}\n".encode()
+            write = partial(_write_atomically, self.data_dir, NEXT_ID_NAME, payload, durable=True)
+            run_with_reserve(self.reserve, write)
+            self._next_id_saved = next_id
+
+    def delete(self, job_id: str, next_id: int) -> bool:
+        """Remove a job's directory (record, output, work dir) for good; ``next_id`` is the
+        lowest id no job has had yet, recorded first (``<data-dir>/next-id``) so that no
+        later start gives this id (or any lower) again.
+
+        The directory is renamed away (``jobs/.deleted.<id>.<random>``) and ``jobs/`` fsynced:
+        from then on the job is gone, also after a crash or a power loss. Then the renamed
+        tree is removed without following any symlink in it; what cannot be removed is left,
+        with a WARNING, for the next start to remove. Returns False in that case.
+        Raises OSError (the job's files are then untouched) if the mark or the rename fails.
+        A failing fsync after the rename is logged: the job is gone for this server, and a
+        power loss right then may bring it back at the next start (its id stays unique).
+        Blocking: run in a thread."""
+        self._save_next_id(next_id)
+        trash = self.jobs_dir / f"{DELETED_PREFIX}{job_id}.{secrets.token_hex(8)}"
+        with self._lock_for(job_id):
+            try:
+                os.rename(self.job_dir(job_id), trash)
+                renamed = True
+            except FileNotFoundError:
+                renamed = False  # never made (its start failed before its files), or gone
+            if renamed:
+                try:
+                    _fsync_dir(self.jobs_dir)
+                except OSError as exc:  # renamed all the same: the job is gone from now on
+                    log.warning("job %s: deleted, but fsync of jobs/ failed: %s", job_id, exc)
+            with self._table_lock:
+                self._unsaved.pop(job_id, None)  # a record still owed has nowhere to go
+                self._locks.pop(job_id, None)
+        if not renamed:
+            return True
+        try:
+            _remove_tree(trash)
+        except (OSError, RecursionError) as exc:  # RecursionError: a tree nested too deep
+            log.warning("job %s: cannot remove %s (the next start will): %s", job_id, trash, exc)
+            return False
+        return True
+
     def save(self, record: JobRecord, *, durable: bool = True) -> None:
         """Write the record atomically (a reader sees the old or the new file, never a mix).
 
@@ -384,32 +533,8 @@ class JobStore:
         job planted in the directory is never opened (a fifo would block the open, a symlink
         lead out of the data dir, a directory refuse it for good).
         """
-        directory = self.job_dir(record.id)
         payload = json.dumps(record_to_json(record), indent=1).encode()
-        temp = directory / f"{TEMP_PREFIX}{secrets.token_hex(8)}{TEMP_SUFFIX}"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(temp, flags, 0o600)
-        try:
-            try:
-                view = memoryview(payload)
-                while view:
-                    view = view[os.write(fd, view) :]
-                if durable:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(temp, directory / RECORD_NAME)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
-            raise
-        if not durable:
-            return
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _write_atomically(self.job_dir(record.id), RECORD_NAME, payload, durable=durable)
 
     def scan(self) -> tuple[list[str], int]:
         """The job directories to load, in id order, and the highest id in use (any numeric
@@ -434,6 +559,12 @@ class JobStore:
             entries = list(os.scandir(self.jobs_dir))
         except OSError as exc:
             raise DataDirUnusable(f"cannot read {self.jobs_dir}: {exc.strerror or exc}") from None
+        for entry in entries:
+            if entry.name.startswith(DELETED_PREFIX):  # a delete cut short by a crash
+                try:
+                    _remove_tree(entry.path)
+                except (OSError, RecursionError) as exc:
+                    log.warning("cannot remove %s, left by a delete: %s", entry.path, exc)
         numbered = [e for e in entries if e.name.isascii() and e.name.isdigit()]
         highest = max((int(e.name) for e in numbered), default=0)
         names: list[str] = []
@@ -461,7 +592,7 @@ class JobStore:
         found_lost: list[str] = []
         for name in names:
             directory = self.jobs_dir / name
-            _remove_temporaries(directory, name)
+            _remove_temporaries(directory, f"job {name}")
             path = directory / RECORD_NAME
             try:
                 record = _read_record(path, name)

@@ -4,8 +4,9 @@ A job runs as one task in the manager's nursery, started with
 ``nursery.start(job.run)``: ``started()`` fires once the launcher reports the command
 running (placed in its cgroups, isolated, de-privileged), so start failures reach the
 caller. Inside, one nursery holds the output pump
-and the supervision (the main process's wait plus the OOM watcher). A stop
-(or OOM, or the manager's cancellation) cancels the supervision scope; the
+and the supervision (the main process's wait, the OOM watcher and, for a job with a time
+limit, its timer). A stop (or OOM, a timeout, or the manager's cancellation) cancels the
+supervision scope; the
 cleanup that follows always runs, shielded and time-limited: kill through
 the cgroup (SIGTERM, grace, IO throttle lifted, SIGKILL) until it is empty,
 reap, drain the pipe, read usage, remove the cgroup, record the end and
@@ -45,7 +46,9 @@ __all__ = [
     "SHUTDOWN_REASON",
     "STOPPED_REASON",
     "STOP_GRACE_S",
+    "TIMED_OUT_PREFIX",
     "SupervisedJob",
+    "timed_out_reason",
 ]
 
 log = logging.getLogger("jobworker.engine")
@@ -54,6 +57,7 @@ STOP_GRACE_S = 0.1  # the API promises SIGKILL after 100 ms
 STOPPED_REASON = "stopped by request"
 SHUTDOWN_REASON = "worker shutdown"
 LAUNCHER_DIED_REASON = "the launcher died while the job ran; the job was killed"
+TIMED_OUT_PREFIX = "timed out after "
 # The output pipe is enlarged to PIPE_BYTES (default capacity: 64 KiB) and read up to that
 # much at a time: a job writing fast is copied in 1 MiB appends (one thread hop each, the
 # pump's main cost) instead of 64 KiB ones; a job writing slowly still has each write
@@ -76,6 +80,11 @@ KILL_RETRY_S = 1.0
 SURVIVORS_REASON = "processes survive SIGKILL: retrying the kill"
 UNENDED_REASON = "processes survived SIGKILL: the next start kills them"
 OOM_EXIT_CODE = 137  # the kernel's OOM killer sends SIGKILL: 128 + 9
+
+
+def timed_out_reason(seconds: int) -> str:
+    """The reason of a job stopped at its time limit: ``timed out after 30 s``."""
+    return f"{TIMED_OUT_PREFIX}{seconds} s"
 
 
 class SupervisedJob(Job):
@@ -105,6 +114,8 @@ class SupervisedJob(Job):
         self._pump_scope = trio.CancelScope(shield=True)  # ends at EOF, or when we give up
         self._pump_done = trio.Event()
         self._stop_reason: str | None = None
+        self._timed_out = False  # the time limit's stop came first: FAILED, not STOPPED
+        self._deadline = float("inf")  # trio time at which the time limit stops the job
         self._oom = False
         self._exited_by_itself = False
         self._emptied = False  # True once no process of the job is left
@@ -136,6 +147,8 @@ class SupervisedJob(Job):
         """
         with trio.CancelScope(shield=True):  # bounded work that must not be half-done
             process = await self._spawn()
+        if self._record.timeout_s:  # counted from the moment the command runs
+            self._deadline = trio.current_time() + self._record.timeout_s
         self._record = replace(self._record, status=JobStatus.RUNNING)
         self.spawned.set()
         log.info("job %s started: pid %d", self.id, process.pid)
@@ -273,8 +286,20 @@ class SupervisedJob(Job):
         with self._life:
             async with trio.open_nursery() as watchers:
                 watchers.start_soon(self._watch_oom)
+                if self._record.timeout_s:
+                    watchers.start_soon(self._watch_time)
                 await process.wait()
                 watchers.cancel_scope.cancel()
+
+    async def _watch_time(self) -> None:
+        """At the job's time limit, stop it through the stop path (SIGTERM, grace, SIGKILL);
+        it is recorded FAILED, ``timed out after N s``, unless another stop came first."""
+        await trio.sleep_until(self._deadline)
+        reason = timed_out_reason(self._record.timeout_s)
+        if self._stop_reason is None:
+            self._timed_out = True
+            log.info("job %s: %s, stopping it", self.id, reason)
+        self.request_stop(reason)
 
     async def _watch_oom(self) -> None:
         try:
@@ -400,7 +425,8 @@ class SupervisedJob(Job):
         if self._lost:
             status, reason = JobStatus.FAILED, LAUNCHER_DIED_REASON
         elif self._stop_reason is not None and not shutdown_after_end:
-            status, reason = JobStatus.STOPPED, self._stop_reason
+            status = JobStatus.FAILED if self._timed_out else JobStatus.STOPPED
+            reason = self._stop_reason
         elif self._oom or oom_kills > 0:
             # v1 kills only the largest process: a wrapper may survive and exit 0. OOM wins.
             status = JobStatus.FAILED

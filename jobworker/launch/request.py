@@ -38,7 +38,12 @@ class LaunchRequest:
     job_id: str
     argv: list[str]  # argv[0] is the resolved absolute path
     env: dict[str, str]
-    work_dir: str  # the job's cwd and HOME (a host path, bound at the same place inside)
+    # The job's HOME, and its cwd unless ``cwd`` is given (a host path, bound at the same
+    # place inside).
+    work_dir: str
+    # A working directory the client asked for (a host path, checked usable by the job's
+    # user); empty: the work dir. Bound writable at its own path under mount isolation.
+    cwd: str = ""
     procs_files: list[str] = field(default_factory=list)  # cgroup.procs of every hierarchy
     isolation: Isolation = Isolation()
     # Host paths the job must not see (the data dir, the certs dir): covered by an empty,

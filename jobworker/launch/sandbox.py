@@ -8,7 +8,8 @@ one), in this order, so that no process of the job ever runs outside what it mus
 2. new mount (with IPC) / cgroup / network namespaces (the cgroup namespace after the
    placement, so that its root is the job's own cgroup), then the job's view of the
    filesystem;
-3. the job's uid and gid, no supplementary groups, no capabilities, no_new_privs;
+3. the job's uid and gid, no supplementary groups, no capabilities, no_new_privs, then
+   the working directory the client asked for (entered as the job's user);
 4. exec of the command. With a PID namespace the child is that namespace's PID 1, which the
    kernel shields from every signal it has no handler for (a ``sleep`` as PID 1 would
    ignore SIGTERM); so the child stays as a minimal init: it forks the command (which gets
@@ -51,6 +52,9 @@ TMPFS_FLAGS = syscalls.MS_NOSUID | syscalls.MS_NODEV
 MS_NOEXEC = 0x8
 CGROUP_ROOT = "/sys/fs/cgroup"
 CGROUP_FLAGS = syscalls.MS_RDONLY | syscalls.MS_NOSUID | syscalls.MS_NODEV | MS_NOEXEC
+# statvfs's ST_NODEV and ST_NOEXEC have the values of MS_NODEV and MS_NOEXEC: a requested
+# working directory made writable keeps what its host mount forbids.
+KEPT_MOUNT_FLAGS = syscalls.MS_NODEV | MS_NOEXEC
 
 
 class _Failed(Exception):
@@ -156,10 +160,17 @@ def _loopback_up() -> None:
 
 def _build_view(request: dict[str, Any]) -> None:
     """The job's filesystem: the host read-only, the server's paths hidden, its work dir
-    writable at the same path, a private /tmp and /dev/shm, and (with its own PID
-    namespace) a /proc that shows only its own processes."""
+    writable at the same path, a requested working directory (other than ``/``) too, a
+    private /tmp and /dev/shm, and (with its own PID namespace) a /proc that shows only its
+    own processes."""
     syscalls.mount("none", "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
     work = os.open(request["work_dir"], os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    # The host's directory, opened before /tmp and the hidden paths are covered: it may lie
+    # under the private /tmp. "/" stays read-only (a mount over the root is not seen).
+    cwd = request.get("cwd") or ""
+    cwd_fd = -1
+    if cwd and cwd not in ("/", request["work_dir"]):
+        cwd_fd = os.open(cwd, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     syscalls.rdonly_recursive("/")
     for private in ("/tmp", "/dev/shm"):
         if os.path.isdir(private):
@@ -180,6 +191,8 @@ def _build_view(request: dict[str, Any]) -> None:
     syscalls.mount(
         "none", request["work_dir"], None, syscalls.MS_REMOUNT | syscalls.MS_BIND | TMPFS_FLAGS
     )
+    if cwd_fd >= 0:
+        _bind_writable(cwd_fd, cwd)
     for cover in covers:
         syscalls.mount(
             "none",
@@ -201,6 +214,20 @@ def _build_view(request: dict[str, Any]) -> None:
         _cgroup_view(request["cgroup_mounts"])
     if request["isolation"]["pid"]:
         syscalls.mount("proc", "/proc", "proc", syscalls.MS_NOSUID | syscalls.MS_NODEV | MS_NOEXEC)
+
+
+def _bind_writable(fd: int, path: str) -> None:
+    """Bind the host directory ``fd`` at ``path``, writable (as far as its permissions let
+    the job's user), with what lies below it as the job sees it: recursive, taken once the
+    hidden paths are covered, so that their covers come along. Setuid bits stay inert."""
+    kept = os.fstatvfs(fd).f_flag & KEPT_MOUNT_FLAGS
+    os.makedirs(path, mode=0o755, exist_ok=True)  # it may now lie in the private /tmp
+    syscalls.mount(f"/proc/self/fd/{fd}", path, None, syscalls.MS_BIND | syscalls.MS_REC)
+    os.close(fd)
+    # Only the top mount is made writable: those below keep the view's read-only flag.
+    syscalls.mount(
+        "none", path, None, syscalls.MS_REMOUNT | syscalls.MS_BIND | syscalls.MS_NOSUID | kept
+    )
 
 
 def _cgroup_view(mounts: list[tuple[str, str, str]]) -> None:
@@ -246,20 +273,30 @@ def _drop_privileges(request: dict[str, Any]) -> None:
         raise _Failed(
             "setup", exc.errno or 0, f"cannot enter the work dir: {exc.strerror}", EXIT_SETUP_FAILED
         ) from None
-    if request["uid"] is None or request["gid"] is None:
-        return
-    try:
-        os.setgroups([])
-        os.setresgid(request["gid"], request["gid"], request["gid"])
-        os.setresuid(request["uid"], request["uid"], request["uid"])
-        syscalls.no_new_privs()
-    except OSError as exc:
-        raise _Failed(
-            "user",
-            exc.errno or 0,
-            f"cannot switch to the job user: {exc.strerror}",
-            EXIT_SETUP_FAILED,
-        ) from None
+    if request["uid"] is not None and request["gid"] is not None:
+        try:
+            os.setgroups([])
+            os.setresgid(request["gid"], request["gid"], request["gid"])
+            os.setresuid(request["uid"], request["uid"], request["uid"])
+            syscalls.no_new_privs()
+        except OSError as exc:
+            raise _Failed(
+                "user",
+                exc.errno or 0,
+                f"cannot switch to the job user: {exc.strerror}",
+                EXIT_SETUP_FAILED,
+            ) from None
+    if request.get("cwd"):
+        # As the job's user: the kernel checks that it may enter it (the server did too).
+        try:
+            os.chdir(request["cwd"])
+        except OSError as exc:
+            raise _Failed(
+                "setup",
+                exc.errno or 0,
+                f"cannot enter the working directory: {exc.strerror}",
+                EXIT_SETUP_FAILED,
+            ) from None
 
 
 def _exec(request: dict[str, Any]) -> NoReturn:

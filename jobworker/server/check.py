@@ -315,6 +315,16 @@ def _isolation(config: ServerConfig) -> tuple[list[Finding], Isolation | None]:
     return findings, isolation
 
 
+def _job_timeouts(config: ServerConfig) -> str:
+    """The job time limits, as the "would enforce" line lists them ("" when there are none)."""
+    default, maximum = config.default_job_timeout, config.max_job_timeout
+    if default is None and maximum is None:
+        return ""
+    applied = default if default is not None else maximum
+    limit = f", at most {maximum} s" if maximum is not None else ""
+    return f"job timeout {applied} s unless asked{limit}, "
+
+
 def _enforced(config: ServerConfig, sandbox: str | None) -> Finding:
     limits = config.limits
     return Finding(
@@ -322,6 +332,7 @@ def _enforced(config: ServerConfig, sandbox: str | None) -> Finding:
         "would enforce",
         f"{f'{sandbox}; ' if sandbox else ''}"
         f"pids-max {config.pids_max} per job, stop grace {config.stop_grace:g} s, "
+        f"{_job_timeouts(config)}"
         f"max-connections {config.max_connections}, max-concurrent-streams "
         f"{limits.max_concurrent_streams}, max-message-bytes {limits.max_message_bytes}, "
         f"idle-timeout {limits.idle_timeout:g} s, handshake-timeout "

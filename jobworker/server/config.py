@@ -59,6 +59,8 @@ class ServerConfig:
     data_dir: Path = Path("var")
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT_S
     stop_grace: float = DEFAULT_STOP_GRACE_S
+    default_job_timeout: int | None = None  # seconds, for a job that asks for none
+    max_job_timeout: int | None = None  # seconds; None: no maximum
     cgroups: CgroupMode = "auto"
     isolation: str = "auto"  # --isolation, validated (parse_isolation)
     job_user: str | None = None  # None: a uid of its own per running job

@@ -15,10 +15,12 @@ from purerpc.grpclib.status import Status, StatusCode
 from jobworker.errors import (
     DataDiskFull,
     InvalidJobSpec,
+    JobIsRunning,
     JobNotFound,
     JobNotRunning,
     JobStartFailed,
     JobWorkerError,
+    OffsetOutOfRange,
     OutputLost,
     PermissionDenied,
     RpcError,
@@ -34,11 +36,13 @@ INTERNAL_MESSAGE = "internal error"  # all a client learns about an unexpected f
 STATUS_TABLE: dict[type[JobWorkerError], StatusCode] = {
     JobNotFound: StatusCode.NOT_FOUND,
     JobNotRunning: StatusCode.FAILED_PRECONDITION,
+    JobIsRunning: StatusCode.FAILED_PRECONDITION,
     InvalidJobSpec: StatusCode.INVALID_ARGUMENT,
     PermissionDenied: StatusCode.PERMISSION_DENIED,
     JobStartFailed: StatusCode.INTERNAL,  # its message is written to be safe to show
     DataDiskFull: StatusCode.RESOURCE_EXHAUSTED,
     OutputLost: StatusCode.DATA_LOSS,
+    OffsetOutOfRange: StatusCode.OUT_OF_RANGE,
 }
 
 

@@ -234,7 +234,7 @@ class ConnectionHandler:
                     trio.move_on_after(STATUS_SEND_TIMEOUT_S, shield=True),
                     contextlib.suppress(h2.exceptions.H2Error),  # reset meanwhile: nobody to tell
                 ):
-                    await stream.close(status)
+                    await stream.close(status, _custom_trailers(stream, status, context))
         finally:
             sock.forget(stream)
             elapsed = trio.current_time() - started
@@ -259,7 +259,7 @@ class ConnectionHandler:
 
             async def send(response: Message) -> None:
                 if not stream.response_started:
-                    await stream.start_response()
+                    await stream.start_response(context.headers)
                 await stream.send_message(response)
 
             if method.bidi is not None:
@@ -332,6 +332,19 @@ async def _one_request(receive: Callable[[], Awaitable[Message | None]]) -> Mess
     if message is None or await receive() is not None:
         raise RpcError(StatusCode.INVALID_ARGUMENT, "expected one request message")
     return message
+
+
+def _custom_trailers(
+    stream: ServerStream, status: Status, context: CallContext
+) -> list[tuple[str, str]]:
+    """The handler's custom metadata for the end of its call: its trailers on an OK end
+    (with its headers too in a trailers-only response, which carries both); none on an
+    error, where they could describe a state the call never reached."""
+    if status.status_code != StatusCode.OK:
+        return []
+    if stream.response_started:
+        return context.trailers
+    return [*context.headers, *context.trailers]
 
 
 def _closing_message(sock: ServerSocket) -> str:

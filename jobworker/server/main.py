@@ -31,6 +31,7 @@ import trio
 from jobworker.cgroups.base import DEFAULT_PIDS_MAX
 from jobworker.cgroups.detect import CgroupsUnavailable
 from jobworker.engine.manager import DEFAULT_MIN_FREE_DISK_BYTES, MIN_FREE_DISK_FRACTION
+from jobworker.engine.spec import MAX_TIMEOUT_SECONDS
 from jobworker.engine.store import DataDirUnusable
 from jobworker.errors import unwrap
 from jobworker.launch.isolation import IsolationUnusable, parse_isolation
@@ -122,6 +123,14 @@ _positive_float = _bounded(float, "a number", 0, inclusive=False)
 _non_negative_float = _bounded(float, "a number", 0, inclusive=True)
 _positive_int = _bounded(int, "an integer", 1, inclusive=True)
 _non_negative_int = _bounded(int, "an integer", 0, inclusive=True)
+
+
+def _timeout_seconds(value: str) -> int:
+    """A job time limit: whole seconds, 1 to what timeoutSeconds (an int32) can carry."""
+    seconds = int(_positive_int(value))
+    if seconds > MAX_TIMEOUT_SECONDS:
+        raise argparse.ArgumentTypeError(f"must be <= {MAX_TIMEOUT_SECONDS}: {value!r}")
+    return seconds
 
 
 def _isolation_text(value: str) -> str:
@@ -218,6 +227,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=cfg.DEFAULT_STOP_GRACE_S,
         metavar="SECONDS",
         help="time between SIGTERM and SIGKILL when stopping a job (default %(default)s)",
+    )
+    parser.add_argument(
+        "--default-job-timeout",
+        type=_timeout_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="time limit of a job that asks for none (timeoutSeconds 0): stopped then, and "
+        "recorded FAILED (default: none; with --max-job-timeout, that maximum)",
+    )
+    parser.add_argument(
+        "--max-job-timeout",
+        type=_timeout_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="largest timeoutSeconds a job may ask for; more is INVALID_ARGUMENT "
+        "(default: no maximum)",
     )
     parser.add_argument(
         "--cgroups",
@@ -331,6 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> cfg.ServerConfig:
+    """The ServerConfig of resolved settings; ConfigError for settings that contradict each
+    other."""
+    default_timeout, max_timeout = args.default_job_timeout, args.max_job_timeout
+    if default_timeout is not None and max_timeout is not None and default_timeout > max_timeout:
+        raise ConfigError(
+            f"default-job-timeout ({default_timeout} s) is above max-job-timeout ({max_timeout} s)"
+        )
     host, port = args.listen
     return cfg.ServerConfig(
         host=host,
@@ -339,6 +371,8 @@ def config_from_args(args: argparse.Namespace) -> cfg.ServerConfig:
         data_dir=args.data_dir,
         handshake_timeout=args.handshake_timeout,
         stop_grace=args.stop_grace,
+        default_job_timeout=default_timeout,
+        max_job_timeout=max_timeout,
         cgroups=args.cgroups,
         isolation=args.isolation,
         job_user=args.job_user,
@@ -426,7 +460,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.print_config:
         sys.stdout.write(render(resolved))
         sys.exit(0)
-    config = config_from_args(args)
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        _fail(str(exc))
     if args.check:
         sys.exit(0 if run_check(config, print) else EXIT_CONFIG)
     setup_logging(args.log_level, args.log_format)

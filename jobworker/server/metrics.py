@@ -7,7 +7,8 @@ servers run side by side in one process do not mix), filled two ways.
 - State read at scrape time (``_StateCollector``): jobs by status, jobs created and ended,
   output bytes, per-running-job CPU and memory from the cgroups, open connections and
   failed handshakes. Nothing is kept twice; counters derived from state stay monotonic
-  because the manager never forgets a job and output logs only grow.
+  because output logs only grow and what a deleted job counted for is kept as a tally
+  (``ObservedManager.delete``).
 
 Counters count since this server started, as Prometheus expects (``rate()`` handles the
 reset at a restart). Jobs loaded from the data dir are not "created" or "ended" by this
@@ -30,6 +31,7 @@ from purerpc.grpclib.status import StatusCode
 from jobworker import __version__
 from jobworker.engine import (
     SHUTDOWN_REASON,
+    TIMED_OUT_PREFIX,
     JobManager,
     JobRecord,
     JobSpec,
@@ -42,11 +44,11 @@ from jobworker.server.listener import Listener
 # unary calls to streams that follow a job for hours.
 JOB_START_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60)
-# The values of jobworker_jobs_ended_total's reason_kind label. "timeout" is kept for a job
-# time limit, which jobs do not have yet (the API defines none): no reason maps to it.
+# The values of jobworker_jobs_ended_total's reason_kind label ("timeout": stopped at its
+# time limit, timeoutSeconds or the server's default).
 REASON_KINDS = ("exited", "stopped", "oom", "timeout", "lost", "start_failed", "shutdown")
 # The engine's reasons that name a kind by their start ("out of memory (limit 50 MB)",
-# "could not start: ..."); the others are exits, judged by status.
+# "could not start: ...", "timed out after 30 s"); the others are exits, judged by status.
 OOM_PREFIX = "out of memory"
 START_FAILED_PREFIX = "could not start"
 
@@ -60,6 +62,8 @@ def reason_kind(record: JobRecord) -> str:
         return "lost"
     if record.status is JobStatus.STOPPED:
         return "shutdown" if reason == SHUTDOWN_REASON else "stopped"
+    if record.status is JobStatus.FAILED and reason.startswith(TIMED_OUT_PREFIX):
+        return "timeout"
     if reason.startswith(OOM_PREFIX) or record.usage.oom_kills:
         return "oom"
     if reason.startswith(START_FAILED_PREFIX):
@@ -79,6 +83,7 @@ class ServerMetrics:
 
     def __init__(self, *, cgroups: str, isolation: str) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._state: _StateCollector | None = None  # once watch_state was called
         r = self.registry
         self.rpcs = Counter(
             "jobworker_rpcs",
@@ -123,7 +128,13 @@ class ServerMetrics:
         """Report the manager's jobs and the listener's connections at every scrape (the
         jobs this start found LOST count as ended, once)."""
         lost = list(manager.found_lost)
-        self.registry.register(_StateCollector(manager, listener, lost))
+        self._state = _StateCollector(manager, listener, lost)
+        self.registry.register(self._state)
+
+    def job_deleted(self, record: JobRecord) -> None:
+        """A job was deleted: what it counted for (created, ended, output) stays counted."""
+        if self._state is not None:
+            self._state.forget(record)
 
 
 class _StateCollector(Collector):
@@ -134,6 +145,19 @@ class _StateCollector(Collector):
         self._listener = listener
         self._loaded_ids = {record.id for record in manager.list()}
         self._lost = lost
+        # What the deleted jobs of this server counted for: created, ended, output bytes.
+        self._deleted_created = 0
+        self._deleted_ended: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._deleted_output = 0
+
+    def forget(self, record: JobRecord) -> None:
+        """``record``'s job was deleted (it had ended): keep its share of the counters."""
+        if record.id in self._loaded_ids:
+            self._loaded_ids.discard(record.id)  # never counted: nothing to keep
+            return
+        self._deleted_created += 1
+        self._deleted_ended[(str(record.status), reason_kind(record))] += 1
+        self._deleted_output += record.output_bytes
 
     def describe(self) -> list[Metric]:
         return []  # the families vary with the jobs: no fixed description
@@ -148,7 +172,9 @@ class _StateCollector(Collector):
 
         ours = [record for record in records if record.id not in self._loaded_ids]
         yield CounterMetricFamily(
-            "jobworker_jobs_created", "Jobs created by this server", value=len(ours)
+            "jobworker_jobs_created",
+            "Jobs created by this server",
+            value=len(ours) + self._deleted_created,
         )
         ended: collections.Counter[tuple[str, str]] = collections.Counter(
             (str(record.status), reason_kind(record))
@@ -156,6 +182,7 @@ class _StateCollector(Collector):
             if record.status.is_terminal
         )
         ended[(str(JobStatus.LOST), "lost")] += len(self._lost)
+        ended.update(self._deleted_ended)
         family = CounterMetricFamily(
             "jobworker_jobs_ended",
             "Jobs that ended under this server (or that it found LOST), by status and why",
@@ -168,7 +195,8 @@ class _StateCollector(Collector):
         yield CounterMetricFamily(
             "jobworker_output_bytes",
             "Output bytes written by the jobs of this server",
-            value=sum(self._manager.output_size(record.id) for record in ours),
+            value=sum(self._manager.output_size(record.id) for record in ours)
+            + self._deleted_output,
         )
 
         cpu = CounterMetricFamily(
@@ -230,6 +258,11 @@ class ObservedManager:
         started = trio.current_time()
         record = await self._manager.create(spec)
         self._metrics.job_start.observe(trio.current_time() - started)
+        return record
+
+    async def delete(self, job_id: str) -> JobRecord:
+        record = await self._manager.delete(job_id)
+        self._metrics.job_deleted(record)
         return record
 
     @asynccontextmanager

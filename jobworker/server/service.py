@@ -15,10 +15,15 @@ from google.protobuf.message import Message
 
 from jobworker.api import worker_pb2 as pb
 from jobworker.engine import JobManager, JobRecord, JobSpec, Usage, rfc3339
-from jobworker.errors import ServerShuttingDown
+from jobworker.errors import JobNotFound, OffsetOutOfRange, ServerShuttingDown
 from jobworker.server.context import CallContext
 from jobworker.server.listing import PageRequest, page, too_many
-from jobworker.wire.contract import DEFAULT_MAX_MESSAGE_BYTES
+from jobworker.wire.contract import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    EXIT_CODE_TRAILER,
+    OFFSET_HEADER,
+    STATUS_TRAILER,
+)
 
 STREAM_CHUNK_BYTES = 64 * 1024  # DataChunk payload limit promised by the API
 EXIT_CODE_UNKNOWN = -1  # no process exits with it: exit statuses are 0-255 (README "Jobs")
@@ -59,6 +64,9 @@ def job_fields(record: JobRecord, usage: pb.JobUsage) -> dict[str, Any]:
         "reason": record.reason,
         "owner": record.owner,
         "usage": usage,
+        "timeoutSeconds": record.timeout_s,
+        "env": dict(record.env),
+        "workingDir": record.working_dir,
     }
 
 
@@ -69,6 +77,12 @@ def job_usage(usage: Usage, output_bytes: int) -> pb.JobUsage:
         peakMemoryBytes=usage.peak_memory_bytes or 0,
         outputBytes=output_bytes,
     )
+
+
+def stream_start(offset: int, length: int) -> int:
+    """Where a GetJobsStream of ``offset`` starts in an output of ``length`` bytes: at
+    ``offset``, or for a negative one that many bytes before the end (at most the whole)."""
+    return max(length + offset, 0) if offset < 0 else offset
 
 
 def wire_exit_code(record: JobRecord) -> int:
@@ -90,7 +104,7 @@ class JobService:
         # A page must also fit what a client accepts by default: gRPC's default receive limit.
         self._page_bytes = min(max_message_bytes, DEFAULT_MAX_MESSAGE_BYTES)
         # job id -> encoded one-job Jobs message, for terminal (immutable) records only.
-        # Jobs are never forgotten by the manager, so this grows with its job table.
+        # It grows with the manager's job table; DeleteJob takes a job's entry out.
         self._finished_entries: dict[str, bytes] = {}
         self._accepting = True
 
@@ -110,6 +124,7 @@ class JobService:
             "GetJobs": Method(pb.EmptyRequest, unary=self.get_jobs),
             "GetJobsStream": Method(pb.GetJobsStreamReq, stream=self.stream_job),
             "ListJobs": Method(pb.ListJobsReq, unary=self.list_jobs),
+            "DeleteJob": Method(pb.DeleteJobReq, unary=self.delete_job),
         }
 
     async def create_job(self, request: pb.CreateJobReq, context: CallContext) -> pb.CreateJobRes:
@@ -122,6 +137,9 @@ class JobService:
             max_memory=request.maxMemory,
             max_iobps=request.maxIOBPS,
             owner=context.identity.name,
+            timeout_seconds=request.timeoutSeconds,
+            env=dict(request.env),
+            working_dir=request.workingDir,
         )
         record = await self._manager.create(spec)
         return pb.CreateJobRes(**job_fields(record, self._usage(record)))
@@ -140,6 +158,13 @@ class JobService:
             reason=record.reason,
             usage=self._usage(record),
         )
+
+    async def delete_job(self, request: pb.DeleteJobReq, context: CallContext) -> pb.DeleteJobRes:
+        """Remove an ended job, its output and its files; its streams end first (see
+        JobManager.delete). The id is never used again."""
+        record = await self._manager.delete(request.id)
+        self._finished_entries.pop(record.id, None)
+        return pb.DeleteJobRes(id=record.id)
 
     def _usage(self, record: JobRecord, *, from_cgroup: bool = True) -> pb.JobUsage:
         """What the job used: its final usage once ended; while it runs, its output as long
@@ -189,17 +214,43 @@ class JobService:
     async def stream_job(
         self, request: pb.GetJobsStreamReq, send: SendMessage, context: CallContext
     ) -> None:
-        """History then live output, in chunks of at most 64 KiB, until the job has ended and
-        every byte was sent. ``send`` waits on HTTP/2 flow control: a slow reader holds at most
-        one chunk here (the engine never waits for it). On cancellation the reader is
-        released by the engine's context manager.
+        """Output from ``offset`` (history, then live output), in chunks of at most 64 KiB,
+        until the job has ended and every byte was sent. ``send`` waits on HTTP/2 flow
+        control: a slow reader holds at most one chunk here (the engine never waits for it).
+        On cancellation the reader is released by the engine's context manager.
 
-        With ``noFollow`` the stream ends once it has sent the bytes the job had written when
-        the stream opened (the whole output, for a job that has ended). Either way a log that
-        is gone ends it with DATA_LOSS (OutputLost), even when there is nothing to send."""
+        A negative ``offset`` counts back from the output's length at the open (clamped at 0);
+        one past the end waits for the job to write that far. With ``noFollow`` the stream
+        ends once it has sent the bytes the job had written when it opened. The response
+        headers say where the stream starts (OFFSET_HEADER); an OK end says the job's status
+        then, in the trailers (STATUS_TRAILER, EXIT_CODE_TRAILER). A start past the end of
+        an ended job's output ends it with OUT_OF_RANGE (OffsetOutOfRange), a log that is
+        gone with DATA_LOSS (OutputLost), even when there is nothing to send."""
+        job_id = request.id
+        # The length read and the reader made with no checkpoint in between: a negative
+        # offset counts from exactly the length the reader starts against.
+        start = stream_start(request.offset, self._manager.output_size(job_id))
         follow = self._manager.follow(
-            request.id, offset=0, max_chunk=STREAM_CHUNK_BYTES, snapshot=request.noFollow
+            job_id, offset=start, max_chunk=STREAM_CHUNK_BYTES, snapshot=request.noFollow
         )
+        context.add_header(OFFSET_HEADER, str(start))
         async with follow as reader:
             async for chunk in reader:
                 await send(pb.DataChunk(payload=chunk))
+        self._end_stream(job_id, request, start, context)
+
+    def _end_stream(
+        self, job_id: str, request: pb.GetJobsStreamReq, start: int, context: CallContext
+    ) -> None:
+        """The end of a stream whose reader ended: OUT_OF_RANGE if it started past the end of
+        an output that is final (a followed reader ends only then), else the job's status in
+        the trailers."""
+        try:
+            record = self._manager.get(job_id)
+        except JobNotFound:
+            return  # deleted as the stream ended: it ends cleanly, with no status to tell
+        length = self._manager.output_size(job_id)
+        if start > length and (record.status.is_terminal or not request.noFollow):
+            raise OffsetOutOfRange(job_id, request.offset, length)
+        context.add_trailer(STATUS_TRAILER, str(record.status))
+        context.add_trailer(EXIT_CODE_TRAILER, str(wire_exit_code(record)))

@@ -30,7 +30,7 @@ import collections
 import contextlib
 import logging
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import anyio
@@ -312,10 +312,10 @@ class ServerStream:
             self._socket.writer.kick()
         return event
 
-    async def start_response(self) -> None:
-        """Send the response headers."""
+    async def start_response(self, custom_metadata: Sequence[tuple[str, str]] = ()) -> None:
+        """Send the response headers (with ``custom_metadata``, if any)."""
         try:
-            self._connection.start_response(self.stream_id)
+            self._connection.start_response(self.stream_id, custom_metadata=custom_metadata)
         except h2.exceptions.StreamClosedError:
             await self._gone()
         self.response_started = True
@@ -331,15 +331,16 @@ class ServerStream:
             await self._gone()
         self._connection.keepalive.sent_headers_or_data()
 
-    async def close(self, status: Status) -> None:
-        """End the response with ``status`` (trailers, or a trailers-only response)."""
+    async def close(self, status: Status, custom_metadata: Sequence[tuple[str, str]] = ()) -> None:
+        """End the response with ``status`` and ``custom_metadata`` (trailers, or a
+        trailers-only response)."""
         if self.locally_closed:
             return
         self.locally_closed = True
         if self.response_started:
-            self._connection.end_response(self.stream_id, status)
+            self._connection.end_response(self.stream_id, status, custom_metadata)
         else:
-            self._connection.respond_status(self.stream_id, status)
+            self._connection.respond_status(self.stream_id, status, custom_metadata=custom_metadata)
         self._socket.writer.kick()
         await trio.lowlevel.checkpoint()
 

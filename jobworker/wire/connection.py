@@ -31,7 +31,7 @@ from h2.errors import ErrorCodes
 from h2.stream import StreamInputs
 from hpack import Encoder, NeverIndexedHeaderTuple
 from purerpc.grpclib.connection import GRPCConnection
-from purerpc.grpclib.events import ResponseEnded
+from purerpc.grpclib.events import ResponseEnded, ResponseReceived
 from purerpc.grpclib.headers import sanitize_headers
 from purerpc.grpclib.status import Status, StatusCode
 
@@ -184,7 +184,10 @@ class WireConnection(GRPCConnection):  # type: ignore[misc]  # purerpc is untype
     # -- receiving: the status a peer sent --------------------------------------------------
 
     def _response_received(self, event: h2.events.ResponseReceived) -> list[Any]:
-        return _with_decoded_status(super()._response_received(event), event.headers)
+        events = _with_decoded_status(super()._response_received(event), event.headers)
+        if event.stream_ended:
+            _move_metadata_to_trailers(events)
+        return events
 
     def _trailers_received(self, event: h2.events.TrailersReceived) -> list[Any]:
         return _with_decoded_status(super()._trailers_received(event), event.headers)
@@ -209,6 +212,17 @@ def _status_trailers(status: Status) -> list[tuple[str, str]]:
     if status.status_message:
         trailers.append(("grpc-message", encode_grpc_message(status.status_message)))
     return trailers
+
+
+def _move_metadata_to_trailers(events: list[Any]) -> None:
+    """In a trailers-only response the one header block is the trailers, custom metadata
+    included (as grpc clients read it); purerpc gives that metadata to the response's
+    start instead."""
+    received = next((e for e in events if isinstance(e, ResponseReceived)), None)
+    ended = next((e for e in events if isinstance(e, ResponseEnded)), None)
+    if received is not None and ended is not None:
+        ended.custom_metadata = (*received.custom_metadata, *ended.custom_metadata)
+        received.custom_metadata = ()
 
 
 def _with_decoded_status(events: list[Any], headers: Sequence[tuple[Any, Any]]) -> list[Any]:

@@ -27,8 +27,8 @@ async def test_a_deadline_that_passes_before_the_start_starts_nothing(
     mock_clock.rate = 1.0  # real time otherwise: real processes may run
     lookup = manager_module.resolve_command  # type: ignore[attr-defined]  # the seam patched below
 
-    def slow_lookup(command: str) -> str:
-        found = lookup(command)
+    def slow_lookup(command: str, search_path: str) -> str:
+        found = lookup(command, search_path)
         trio.from_thread.run_sync(mock_clock.jump, LOOKUP_S)
         return found
 

@@ -85,6 +85,8 @@ def test_every_spec_error_reaches_grpc_js_exactly(server: ServerProc, test_pki: 
     assert created["ok"]["id"] == "1"
     assert created["ok"]["status"] in ("INITIALIZING", "RUNNING")
     assert (streamed["code"], base64.b64decode(streamed["payload"])) == (OK, "héllo\n".encode())
+    assert streamed["trailers"]["jobworker-status"] == "FAILED"
+    assert streamed["trailers"]["jobworker-exit-code"] == "3"
     assert [(a["code"], a["details"]) for a in errors] == [
         (FAILED_PRECONDITION, "job is not running: 1 (current status: FAILED)"),
         (NOT_FOUND, "job not found: 999"),
@@ -94,6 +96,34 @@ def test_every_spec_error_reaches_grpc_js_exactly(server: ServerProc, test_pki: 
         (INVALID_ARGUMENT, "command not found in PATH: h\u00e9llo"),
         (INVALID_ARGUMENT, "command not found in PATH: 50%off"),
     ]
+
+
+def test_grpc_js_reads_the_jobs_final_status_in_the_stream_trailers(
+    server: ServerProc, test_pki: TestPKI
+) -> None:
+    """The spec's client knows no offset; it reads the trailers, also of a trailers-only
+    response (a job without output)."""
+    answers = run_node_client(
+        server,
+        test_pki,
+        "admin-client",
+        [
+            {"method": "CreateJob", "request": {"command": "true"}},
+            {"method": "GetJobsStream", "request": {"id": "1"}},
+            {"method": "CreateJob", "request": {"command": "sh", "args": ["-c", "echo hi"]}},
+            {"method": "GetJobsStream", "request": {"id": "2"}},
+            {"method": "GetJobsStream", "request": {"id": "999"}},
+        ],
+    )
+    _, silent, _, talking, unknown = answers
+    assert (silent["code"], silent["payload"]) == (OK, "")
+    assert (talking["code"], base64.b64decode(talking["payload"])) == (OK, b"hi\n")
+    for streamed in (silent, talking):
+        assert streamed["trailers"]["jobworker-status"] == "COMPLETED"
+        assert streamed["trailers"]["jobworker-exit-code"] == "0"
+    assert silent["trailers"]["jobworker-offset"] == "0"  # headers and trailers in one block
+    assert unknown["code"] == NOT_FOUND
+    assert "jobworker-status" not in unknown["trailers"]
 
 
 def test_a_denied_call_reaches_grpc_js_exactly(server: ServerProc, test_pki: TestPKI) -> None:

@@ -17,6 +17,7 @@ import pytest
 
 from jobworker.api import worker_pb2, worker_pb2_grpc
 from tests.support import JOB_PYTHON, grpc_credentials, job_request
+from tests.support import wait_job_ended as ended
 
 if TYPE_CHECKING:
     from tests.integration.conftest import ServerFactory, ServerProc
@@ -36,17 +37,6 @@ def stubs(test_pki: TestPKI, server: ServerProc) -> Iterator[dict[str, Any]]:
     yield {stem: worker_pb2_grpc.JobServiceStub(channel) for stem, channel in channels.items()}
     for channel in channels.values():
         channel.close()
-
-
-def ended(stub: Any, job_id: str, deadline_s: float = 30.0) -> Any:
-    """GetJob, polled with a deadline until the job has ended."""
-    deadline = time.monotonic() + deadline_s
-    while True:
-        job = stub.GetJob(worker_pb2.GetJobReq(id=job_id), timeout=TIMEOUT)
-        if job.status not in ("INITIALIZING", "RUNNING"):
-            return job
-        assert time.monotonic() < deadline, f"job {job_id} still {job.status}"
-        time.sleep(0.05)  # polling the job's status, with a deadline
 
 
 def create(stub: Any, *args: str, **limits: int) -> Any:

@@ -20,7 +20,9 @@ if TYPE_CHECKING:
     from tests.conftest import TestPKI
     from tests.integration.conftest import ServerProc
 
-ALL_RPCS = ["CreateJob", "GetJob", "StopJob", "GetJobs", "GetJobsStream", "ListJobs"]
+ALL_RPCS = [
+    "CreateJob", "GetJob", "StopJob", "GetJobs", "GetJobsStream", "ListJobs", "DeleteJob",
+]  # fmt: skip
 OPERATION = {
     "CreateJob": "create_job",
     "GetJob": "get_job",
@@ -28,6 +30,7 @@ OPERATION = {
     "GetJobs": "list_jobs",
     "GetJobsStream": "stream_job",
     "ListJobs": "list_jobs",
+    "DeleteJob": "delete_job",
 }
 
 
@@ -44,6 +47,8 @@ def call(stub: worker_pb2_grpc.JobServiceStub, rpc: str, job_id: str = "1") -> A
         return stub.GetJobs(worker_pb2.EmptyRequest(), timeout=timeout)
     if rpc == "ListJobs":
         return stub.ListJobs(worker_pb2.ListJobsReq(), timeout=timeout)
+    if rpc == "DeleteJob":
+        return stub.DeleteJob(worker_pb2.DeleteJobReq(id=job_id), timeout=timeout)
     return list(stub.GetJobsStream(worker_pb2.GetJobsStreamReq(id=job_id), timeout=timeout))
 
 
@@ -90,7 +95,7 @@ def test_viewer_may_read_but_not_create_or_stop(
         worker_pb2.CreateJobReq(command="sh", args=["-c", "echo y; exec sleep 30"]), timeout=10
     )
     assert first_output(viewer, job.id) == b"y\n"
-    for rpc in ("CreateJob", "StopJob"):
+    for rpc in ("CreateJob", "StopJob", "DeleteJob"):
         with pytest.raises(grpc.RpcError) as caught:
             call(viewer, rpc, job.id)
         assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED

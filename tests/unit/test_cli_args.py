@@ -87,6 +87,54 @@ def test_create_usage_errors(argv: list[str]) -> None:
     assert caught.value.command == "create"
 
 
+def test_create_takes_a_time_limit_env_and_working_dir_before_the_command() -> None:
+    result = parsed(
+        "--timeout=2",
+        "create",
+        "--time-limit",
+        "5m",
+        "--env",
+        "A=1",
+        "--env=B=x=y",
+        "--env",
+        "EMPTY=",
+        "--workdir",
+        "/srv",
+        "env",
+        "--timeout=9",
+        "--env",
+        "C=3",
+    )
+    assert result.timeout_seconds == 300
+    assert result.env == (("A", "1"), ("B", "x=y"), ("EMPTY", ""))
+    assert result.working_dir == "/srv"
+    assert result.connection.timeout == 2.0  # the call's
+    assert result.args == ("--timeout=9", "--env", "C=3")  # after the command: the job's
+    assert (parsed("create", "--time-limit=30s", "true").timeout_seconds) == 30
+    assert (parsed("create", "--time-limit=2h", "true").timeout_seconds) == 7200
+    after = parsed("create", "--timeout=4", "true")  # after create too: the call's
+    assert (after.connection.timeout, after.timeout_seconds) == (4.0, 0)
+    plain = parsed("create", "true")
+    assert (plain.timeout_seconds, plain.env, plain.working_dir) == (0, (), "")
+    assert plain.connection.timeout == DEFAULT_TIMEOUT_S
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--time-limit=soon"], "not a whole number of seconds"),
+        (["--time-limit=-1"], "must be between 0 and 2147483647 seconds"),
+        ([f"--time-limit={2**31}"], "must be between 0 and 2147483647 seconds"),
+        (["--env=NOVALUE"], "expected NAME=VALUE, got 'NOVALUE'"),
+        (["--env==x"], "expected NAME=VALUE, got '=x'"),
+    ],
+)
+def test_create_option_errors_name_the_option(argv: list[str], message: str) -> None:
+    with pytest.raises(UsageError, match=message) as caught:
+        parsed("create", *argv, "true")
+    assert caught.value.command == "create"
+
+
 # -- get / list / stop / stream --------------------------------------------------------------
 
 
@@ -446,6 +494,24 @@ def test_details_beyond_the_spec_follow_its_block() -> None:
         "MaxIOBPS: 0\nExitCode: 137\nReason: out of memory (limit 50 MB)\\x1b[2J\n"
         "Owner: alice\nUsage: cpu 1.23 s, peak memory 52.4 MB, output 12,345 bytes\n"
     )
+
+
+def test_details_show_timeout_env_and_working_dir_only_when_set() -> None:
+    job = worker_pb2.GetJobRes(
+        id="5",
+        command="env",
+        status="RUNNING",
+        owner="admin",
+        timeoutSeconds=30,
+        env={"B": "two words", "A": "1", "EVIL": "\x1b[2J"},
+        workingDir="/srv/data\n",
+    )
+    assert render.job_details(job).endswith(
+        "MaxIOBPS: 0\nOwner: admin\nTimeout: 30 s\n"
+        "Env: A=1 'B=two words' $'EVIL=\\x1b[2J'\nWorkingDir: /srv/data\\n\n"
+    )
+    bare = render.job_details(worker_pb2.GetJobRes(id="6", command="true", status="RUNNING"))
+    assert not any(word in bare for word in ("Timeout:", "Env:", "WorkingDir:"))
 
 
 @pytest.mark.parametrize("status", ["COMPLETED", "FAILED", "STOPPED", "LOST"])

@@ -28,6 +28,11 @@ from jobworker.server.errors import INTERNAL_MESSAGE, status_for
         (errors.DataDiskFull(), StatusCode.RESOURCE_EXHAUSTED, "data disk full"),
         (errors.OutputLost("3"), StatusCode.DATA_LOSS, "output of job 3 is missing"),
         (
+            errors.OffsetOutOfRange("3", 20, 12),
+            StatusCode.OUT_OF_RANGE,
+            "offset 20 is beyond the end of job 3's output (12 bytes)",
+        ),
+        (
             errors.PermissionDenied("viewer", "stop_job"),
             StatusCode.PERMISSION_DENIED,
             "role viewer is not allowed to perform operation stop_job",
@@ -75,3 +80,11 @@ def test_leaves_and_unwrap() -> None:
     assert errors.leaves(a) == [a]
     assert errors.unwrap(BaseExceptionGroup("x", [BaseExceptionGroup("y", [a])])) is a
     assert errors.unwrap(nested) is nested  # more than one: nothing to strip
+
+
+def test_deleting_a_running_job_is_a_failed_precondition_in_the_spec_s_words() -> None:
+    status = status_for(errors.JobIsRunning("12"))
+    assert (status.status_code, status.status_message) == (
+        StatusCode.FAILED_PRECONDITION,
+        "job is running: 12",
+    )

@@ -9,7 +9,13 @@ from dataclasses import replace
 
 import pytest
 
-from jobworker.engine import LOST_REASON, SHUTDOWN_REASON, STOPPED_REASON, utc_now
+from jobworker.engine import (
+    LOST_REASON,
+    SHUTDOWN_REASON,
+    STOPPED_REASON,
+    timed_out_reason,
+    utc_now,
+)
 from jobworker.engine.model import JobRecord, JobStatus, Limits, Usage
 from jobworker.engine.output import DISK_FULL_CAUSE
 from jobworker.engine.store import OUTPUT_MISSING_REASON
@@ -43,6 +49,8 @@ CASES = [
     (JobStatus.LOST, f"{LOST_REASON}; {OUTPUT_MISSING_REASON}", "lost"),
     (FAILED, f"could not start: {os.strerror(errno.ENOENT)}", "start_failed"),
     (FAILED, f"could not start: {SPAWN_GIVEN_UP}", "start_failed"),
+    (FAILED, timed_out_reason(30), "timeout"),
+    (FAILED, f"{timed_out_reason(1)}; {LOSS}", "timeout"),
 ]
 
 
@@ -73,8 +81,10 @@ def test_an_oom_kill_counted_by_the_kernel_is_oom_whatever_the_reason() -> None:
     assert reason_kind(stopped) == "stopped"
 
 
-def test_every_kind_but_timeout_comes_from_an_engine_reason() -> None:
-    # Jobs have no time limit (the API defines none): "timeout" is the one kind no reason
-    # maps to. A time limit must add its reason to CASES.
-    assert {kind for _, _, kind in CASES} == set(REASON_KINDS) - {"timeout"}
-    assert all(kind in REASON_KINDS for _, _, kind in CASES)
+def test_every_kind_comes_from_an_engine_reason() -> None:
+    assert {kind for _, _, kind in CASES} == set(REASON_KINDS)
+
+
+def test_a_job_that_exits_saying_timed_out_is_no_timeout() -> None:
+    # Only the engine's own stop at the time limit is a timeout: that job is FAILED.
+    assert reason_kind(record(JobStatus.COMPLETED, timed_out_reason(5))) == "exited"

@@ -52,3 +52,13 @@ def test_reflection_is_for_admin_and_viewer(service: str) -> None:
 def test_anything_not_in_the_table_is_denied_even_to_admin(service: str, method: str) -> None:
     with pytest.raises(PermissionDenied):
         authorize(ADMIN, service, method)
+
+
+def test_delete_job_is_for_admin_only() -> None:
+    authorize(ADMIN, "job_worker.JobService", "DeleteJob")
+    for identity in (VIEWER, GUEST, NO_OU):
+        with pytest.raises(PermissionDenied) as caught:
+            authorize(identity, "job_worker.JobService", "DeleteJob")
+        assert str(caught.value) == (
+            f"role {identity.role_label} is not allowed to perform operation delete_job"
+        )

@@ -147,7 +147,13 @@ def test_print_config_is_toml_that_reads_back_to_the_same_settings(tmp_path: Pat
     text = render(resolved)
     data = tomllib.loads(text)
     unset = {s.key for s in resolved.settings if getattr(resolved.args, s.dest) is None}
-    assert unset == {"min-free-disk", "metrics-listen", "job-user"}
+    assert unset == {
+        "min-free-disk",
+        "metrics-listen",
+        "job-user",
+        "default-job-timeout",
+        "max-job-timeout",
+    }
     assert set(data) == {s.key for s in resolved.settings} - unset
     assert re.search(r"^# metrics-listen is not set  # default$", text, re.M)
     assert re.search(r"^pids-max = 9  # flag --pids-max$", text, re.M)
@@ -183,3 +189,23 @@ def test_the_example_file_lists_every_setting_with_its_default() -> None:
     loaded = _resolve(["--config", str(EXAMPLE)])
     unset = {s.dest for s in settings_of(parser) if getattr(defaults, s.dest) is None}
     assert {v for k, v in loaded.sources.items() if k not in unset} == {f"file {EXAMPLE}"}
+
+
+def test_job_timeouts_are_whole_seconds_and_the_default_within_the_maximum(
+    tmp_path: Path,
+) -> None:
+    args = _resolve(["--default-job-timeout", "30"], {"JOB_WORKER_MAX_JOB_TIMEOUT": "60"}).args
+    built = config_from_args(args)
+    assert (built.default_job_timeout, built.max_job_timeout) == (30, 60)
+    unset = config_from_args(_resolve([]).args)
+    assert (unset.default_job_timeout, unset.max_job_timeout) == (None, None)
+    config = tmp_path / "server.toml"
+    config.write_text("max-job-timeout = 0\n")
+    with pytest.raises(ConfigError, match=r"max-job-timeout: must be >= 1: '0'$"):
+        _resolve(["--config", str(config)])
+    with pytest.raises(ConfigError, match=r"not an integer: '1.5'$"):
+        _resolve([], {"JOB_WORKER_DEFAULT_JOB_TIMEOUT": "1.5"})
+    above = _resolve(["--default-job-timeout", "61", "--max-job-timeout", "60"]).args
+    with pytest.raises(ConfigError) as caught:
+        config_from_args(above)
+    assert str(caught.value) == "default-job-timeout (61 s) is above max-job-timeout (60 s)"
