@@ -64,7 +64,7 @@ class JobUsage(_message.Message):
     def __init__(self, cpuSeconds: _Optional[float] = ..., peakMemoryBytes: _Optional[int] = ..., outputBytes: _Optional[int] = ..., ioReadBytes: _Optional[int] = ..., ioWriteBytes: _Optional[int] = ...) -> None: ...
 
 class CreateJobReq(_message.Message):
-    __slots__ = ("command", "args", "maxCPU", "maxMemory", "maxIOBPS", "timeoutSeconds", "env", "workingDir")
+    __slots__ = ("command", "args", "maxCPU", "maxMemory", "maxIOBPS", "timeoutSeconds", "env", "workingDir", "requestId")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,7 @@ class CreateJobReq(_message.Message):
     TIMEOUTSECONDS_FIELD_NUMBER: _ClassVar[int]
     ENV_FIELD_NUMBER: _ClassVar[int]
     WORKINGDIR_FIELD_NUMBER: _ClassVar[int]
+    REQUESTID_FIELD_NUMBER: _ClassVar[int]
     command: str
     args: _containers.RepeatedScalarFieldContainer[str]
     maxCPU: int
@@ -88,7 +89,8 @@ class CreateJobReq(_message.Message):
     timeoutSeconds: int
     env: _containers.ScalarMap[str, str]
     workingDir: str
-    def __init__(self, command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., maxCPU: _Optional[int] = ..., maxMemory: _Optional[int] = ..., maxIOBPS: _Optional[int] = ..., timeoutSeconds: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., workingDir: _Optional[str] = ...) -> None: ...
+    requestId: str
+    def __init__(self, command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., maxCPU: _Optional[int] = ..., maxMemory: _Optional[int] = ..., maxIOBPS: _Optional[int] = ..., timeoutSeconds: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., workingDir: _Optional[str] = ..., requestId: _Optional[str] = ...) -> None: ...
 
 class CreateJobRes(_message.Message):
     __slots__ = ("id", "command", "args", "maxCPU", "maxMemory", "maxIOBPS", "status", "startTime", "endTime", "exitCode", "reason", "owner", "usage", "timeoutSeconds", "env", "workingDir")
