@@ -94,6 +94,32 @@ def test_the_reason_says_why_each_job_ended(stubs: dict[str, Any]) -> None:
     admin.StopJob(worker_pb2.StopJobReq(id=running.id), timeout=TIMEOUT)
 
 
+def test_the_reason_of_a_shutdown_and_of_a_crash(
+    server_factory: ServerFactory, test_pki: TestPKI
+) -> None:
+    def stub_of(srv: ServerProc) -> tuple[grpc.Channel, Any]:
+        channel = grpc.secure_channel(srv.address, grpc_credentials(test_pki, "admin-client"))
+        return channel, worker_pb2_grpc.JobServiceStub(channel)
+
+    with server_factory() as first:  # left with SIGTERM: its running job is stopped
+        channel, stub = stub_of(first)
+        with channel:
+            create(stub, "sleep", "100")
+    with server_factory("--data-dir", str(first.data_dir), expect_exit=None) as second:
+        channel, stub = stub_of(second)
+        with channel:
+            shut = stub.GetJob(worker_pb2.GetJobReq(id="1"), timeout=TIMEOUT)
+            create(stub, "sleep", "100")
+        second.process.kill()  # a crash: the end of job 2 is never seen
+        second.process.wait()
+    with server_factory("--data-dir", str(first.data_dir)) as third:
+        channel, stub = stub_of(third)
+        with channel:
+            lost = stub.GetJob(worker_pb2.GetJobReq(id="2"), timeout=TIMEOUT)
+    assert (shut.status, shut.reason) == ("STOPPED", "worker shutdown")
+    assert (lost.status, lost.reason) == ("LOST", "worker restarted while the job was running")
+
+
 def test_usage_grows_while_the_job_runs_and_is_final_after(stubs: dict[str, Any]) -> None:
     admin = stubs["admin"]
     burner = create(
