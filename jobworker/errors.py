@@ -4,9 +4,11 @@ Every error a caller may see is a JobWorkerError whose message is written for
 people, in the spec's wording where the spec has one::
 
     JobWorkerError
-     +-- JobNotFound, JobNotRunning, JobIsRunning, InvalidJobSpec (CommandNotFound, ...),
-     |   JobStartFailed, DataDiskFull, OutputLost, OffsetOutOfRange, PermissionDenied
+     +-- JobNotFound, JobNotRunning, JobIsRunning, InvalidJobSpec (CommandNotFound,
+     |   AboveRoleLimit, ...), JobStartFailed, DataDiskFull, TooManyRunningJobs,
+     |   OutputLost, OffsetOutOfRange, PermissionDenied
      +-- RpcError: a call ends (server side) or ended (client side) with a gRPC status
+          +-- RateLimited           RESOURCE_EXHAUSTED, over the client's request rate
           +-- DeadlineExceeded      DEADLINE_EXCEEDED, no answer in time
           +-- ServerShuttingDown    UNAVAILABLE "server shutting down"
           +-- ConnectError          UNAVAILABLE, no usable connection could be made
@@ -109,6 +111,26 @@ class LimitRefused(InvalidJobSpec):
     """Raised when the kernel refuses a resource limit; the job is not started."""
 
 
+class AboveRoleLimit(InvalidJobSpec):
+    """Raised before anything starts when a job asks for more than the ceiling of its
+    creator's role (``--role-limits``), compared after the defaults are filled in:
+    ``maxMemory 16384 MB is above the limit for role viewer: 8192 MB`` (``(the default)``
+    after the value when the request left the field at 0)."""
+
+    def __init__(
+        self, field: str, value: int, limit: int, unit: str, role: str, *, default: bool
+    ) -> None:
+        space = "" if unit == "%" else " "
+        shown = f"{value}{space}{unit}" + (" (the default)" if default else "")
+        super().__init__(
+            f"{field} {shown} is above the limit for role {echo(role)}: {limit}{space}{unit}"
+        )
+        self.field = field
+        self.value = value
+        self.limit = limit
+        self.role = role
+
+
 class JobStartFailed(JobWorkerError):
     """Raised when the process could not be started for a reason outside the spec (server side)."""
 
@@ -119,6 +141,20 @@ class DataDiskFull(JobWorkerError):
 
     def __init__(self) -> None:
         super().__init__("data disk full")
+
+
+class TooManyRunningJobs(JobWorkerError):
+    """Raised by CreateJob, before an id is used, when the running jobs (INITIALIZING or
+    RUNNING) already reach a limit: ``too many running jobs: N (limit N)`` for the server's
+    (``--max-running-jobs``), ``too many running jobs for <CN>: N (limit N)`` for one
+    client's (``--max-running-jobs-per-client``; ``owner`` is that client's CN)."""
+
+    def __init__(self, running: int, limit: int, owner: str | None = None) -> None:
+        whose = "" if owner is None else f" for {echo(owner)}"
+        super().__init__(f"too many running jobs{whose}: {running} (limit {limit})")
+        self.running = running
+        self.limit = limit
+        self.owner = owner
 
 
 class OutputLost(JobWorkerError):
@@ -168,6 +204,25 @@ class RpcError(JobWorkerError):
         super().__init__(message or code_name.lower().replace("_", " "))
         self.code_name = code_name
         self.message = message
+        # Custom metadata (name, value) the server sends in the trailers of this error end.
+        self.trailers: tuple[tuple[str, str], ...] = ()
+
+
+# The trailer of a RateLimited end: whole milliseconds until the next call may pass.
+RETRY_AFTER_TRAILER = "jobworker-retry-after-ms"
+
+
+class RateLimited(RpcError):
+    """The server refuses a call over its client's request rate (``--rate-limit``):
+    RESOURCE_EXHAUSTED ``rate limit exceeded: retry after N ms``, and N again in the
+    trailer RETRY_AFTER_TRAILER (``trailers``, sent with the error status)."""
+
+    def __init__(self, retry_after_ms: int) -> None:
+        super().__init__(
+            "RESOURCE_EXHAUSTED", f"rate limit exceeded: retry after {retry_after_ms} ms"
+        )
+        self.retry_after_ms = retry_after_ms
+        self.trailers = ((RETRY_AFTER_TRAILER, str(retry_after_ms)),)
 
 
 class DeadlineExceeded(RpcError):

@@ -18,6 +18,8 @@ from typing import NoReturn
 from jobworker import __version__
 from jobworker.cli.render import escape
 from jobworker.client.address import parse_server
+from jobworker.engine.idempotency import MAX_REQUEST_ID_CHARS, REQUEST_ID_TTL_S
+from jobworker.engine.model import JobStatus
 from jobworker.engine.spec import JOB_PATH, MAX_ARG_STRLEN
 from jobworker.wire.contract import DEFAULT_PORT
 
@@ -77,9 +79,14 @@ class Command:
     timeout_seconds: int = 0  # create: the job's time limit (0: the server's default)
     env: tuple[tuple[str, str], ...] = ()  # create: variables added to the job's environment
     working_dir: str = ""  # create: the job's cwd on the server's host ("": its scratch dir)
+    request_id: str = ""  # create: its idempotency key ("": a fresh one per invocation)
     follow: bool = True
     offset: int = 0  # stream: the byte to start at (negative: from the end)
     tail: int | None = None  # stream: start at the last N lines instead
+    statuses: tuple[str, ...] = ()  # list: only jobs in one of these statuses (): all)
+    owner: str = ""  # list: only jobs created by this certificate CN ("": anyone's)
+    limit: int | None = None  # list: stop after this many jobs
+    newest_first: bool = False  # list: highest id first
 
 
 EXIT_CODES_HELP = f"""\
@@ -140,6 +147,14 @@ a variable to the job's environment (PATH too: the command is then looked up
 in it). --workdir DIR runs the job in DIR, an absolute path on the server's
 host (default: a scratch dir of its own, also its HOME).
 
+Every create carries a request id, a fresh random one unless --request-id
+gives it. A create that got no answer (the connection lost mid-call, or no
+answer within --timeout) is sent once more, on a new connection, with the same
+id: if the first one reached the server, the answer is the job it started,
+never a second one. Giving the id yourself makes a create safe to
+repeat (a script's retry): within {REQUEST_ID_TTL_S // 3600} h, the same id from the same
+certificate returns the same job.
+
 examples:
   jobworker create echo "hello world"
   jobworker create --time-limit 30s --env NAME=x --workdir /srv sh -c 'echo $NAME; pwd'
@@ -147,10 +162,26 @@ examples:
   jobworker create --max-cpu=50 --max-memory=512 python3 script.py
   jobworker create bash -c "sleep 10 && echo done"
   jobworker create python3 -u script.py -v
+  jobworker create --request-id nightly-backup-2024-01-15 /usr/local/bin/backup
 """,
     ),
     "get": ("Get detailed information about a job.", "example:\n  jobworker get 1\n"),
-    "list": ("List all jobs.", "example:\n  jobworker list\n"),
+    "list": (
+        "List all jobs.",
+        """\
+One line per job, as the spec prints them, in id order (oldest first), paged
+from the server (ListJobs; a server without it is asked for every job at once).
+--status keeps only jobs in that status (repeatable, or comma-separated),
+--owner only those created by that certificate CN, --limit N stops after N
+jobs, --newest-first starts from the newest.
+
+examples:
+  jobworker list
+  jobworker list --status RUNNING
+  jobworker list --status failed,stopped --owner alice --limit 20
+  jobworker list --newest-first --limit 10
+""",
+    ),
     "stop": ("Stop a running job.", "example:\n  jobworker stop 1\n"),
     "delete": (
         "Delete an ended job: its record, output and files.",
@@ -255,6 +286,27 @@ def _env_variable(text: str) -> tuple[str, str]:
     if not equals or not name:
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
     return name, value
+
+
+def _statuses(text: str) -> list[str]:
+    """``--status``: one or more comma-separated statuses, in any case."""
+    names = [word.strip().upper() for word in text.split(",") if word.strip()]
+    known = [status.value for status in JobStatus]
+    for name in names:
+        if name not in known:
+            raise argparse.ArgumentTypeError(
+                f"unknown status {name!r} (expected one of {', '.join(known)})"
+            )
+    if not names:
+        raise argparse.ArgumentTypeError("expected a status, e.g. RUNNING")
+    return names
+
+
+def _limit(text: str) -> int:
+    value = _non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text}")
+    return value
 
 
 def _positive_seconds(text: str) -> float:
@@ -389,6 +441,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: a scratch dir of its own)",
     )
     create.add_argument(
+        "--request-id",
+        default="",
+        metavar="ID",
+        help=f"idempotency key, up to {MAX_REQUEST_ID_CHARS} printable ASCII characters"
+        " (default: a fresh random one): a create with a key your certificate sent within"
+        f" {REQUEST_ID_TTL_S // 3600} h returns that job and starts none",
+    )
+    create.add_argument(
         "command",
         metavar="<command>",
         help="the command to run: a name looked up in the job's PATH, or an absolute path",
@@ -398,7 +458,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     command("get").add_argument("job_id", metavar="<job-id>")
-    command("list")
+    listing = command("list")
+    listing.add_argument(
+        "--status",
+        dest="statuses",
+        type=_statuses,
+        action="append",
+        default=[],
+        metavar="STATUS",
+        help="only jobs in this status (repeatable, or comma-separated: RUNNING,FAILED)",
+    )
+    listing.add_argument(
+        "--owner", default="", metavar="CN", help="only jobs created by this certificate CN"
+    )
+    listing.add_argument(
+        "--limit", type=_limit, default=None, metavar="N", help="stop after N jobs"
+    )
+    listing.add_argument(
+        "--newest-first", action="store_true", help="the newest job first (default: oldest)"
+    )
     command("stop").add_argument("job_id", metavar="<job-id>")
     command("delete").add_argument("job_id", metavar="<job-id>")
 
@@ -447,6 +525,7 @@ _CREATE_OPTIONS_WITH_VALUE = _GLOBAL_OPTIONS_WITH_VALUE | {
     "--time-limit",
     "--env",
     "--workdir",
+    "--request-id",
 }
 _END_OF_OPTIONS = "--"
 
@@ -555,9 +634,14 @@ def parse(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Comm
         timeout_seconds=getattr(ns, "job_timeout", 0),
         env=tuple(getattr(ns, "env", ())),
         working_dir=getattr(ns, "workdir", ""),
+        request_id=getattr(ns, "request_id", ""),
         follow=getattr(ns, "follow", True),
         offset=getattr(ns, "offset", 0),
         tail=getattr(ns, "tail", None),
+        statuses=tuple(name for group in getattr(ns, "statuses", ()) for name in group),
+        owner=getattr(ns, "owner", ""),
+        limit=getattr(ns, "limit", None),
+        newest_first=getattr(ns, "newest_first", False),
     )
 
 

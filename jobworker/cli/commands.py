@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractAsyncContextManager
 from typing import BinaryIO, TextIO
 
+import trio
+
+from jobworker.api import worker_pb2
 from jobworker.cli import render
-from jobworker.cli.args import EXIT_OK, EXIT_SERVER_ERROR, Command
-from jobworker.client import JobClient, RpcError, open_client
+from jobworker.cli.args import EXIT_OK, EXIT_SERVER_ERROR, Command, Connection
+from jobworker.client import (
+    ConnectError,
+    JobClient,
+    RpcError,
+    ServerShuttingDown,
+    new_request_id,
+    open_client,
+)
+
+# A create that got no answer may or may not have started its job: it is sent once more,
+# on a new connection, with the same request id, and the server answers with the job the
+# first one started, if it did. The pause lets a server that is restarting come back.
+CREATE_RETRY_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})
+CREATE_RETRY_PAUSE_S = 0.25
 
 
 async def run(command: Command, stdout: BinaryIO, stderr: TextIO) -> int:
@@ -15,35 +32,26 @@ async def run(command: Command, stdout: BinaryIO, stderr: TextIO) -> int:
     Raises RpcError for the caller to report. Cancellation or Ctrl+C
     resets a stream in progress and closes the connection on the way out.
     """
-    settings = command.connection
-    async with open_client(
-        settings.server,
-        cert=settings.cert,
-        key=settings.key,
-        ca=settings.ca,
-        connect_timeout=settings.timeout,
-        call_timeout=settings.timeout,
-    ) as client:
+    json = command.output == "json"
+    if command.name == "create":
+        created = await create(command, stderr)
+        text = render.as_json(created) if json else render.created(created)
+        stdout.write(text.encode())
+        stdout.flush()
+        return EXIT_OK
+    async with _connect(command.connection) as client:
         if command.name == "stream":
             return await stream(client, command, stdout, stderr)
-        json = command.output == "json"
-        if command.name == "create":
-            created = await client.create(
-                command.command,
-                command.args,
-                max_cpu=command.max_cpu,
-                max_memory=command.max_memory,
-                max_iobps=command.max_iobps,
-                timeout_seconds=command.timeout_seconds,
-                env=dict(command.env),
-                working_dir=command.working_dir,
-            )
-            text = render.as_json(created) if json else render.created(created)
-        elif command.name == "get":
+        if command.name == "get":
             job = await client.get(command.job_id)
             text = render.as_json(job) if json else render.job_details(job)
         elif command.name == "list":
-            jobs = await client.list_all()
+            jobs = await client.list_all(
+                statuses=command.statuses,
+                owner=command.owner,
+                limit=command.limit,
+                newest_first=command.newest_first,
+            )
             text = render.as_json(jobs) if json else render.job_list(jobs)
         elif command.name == "stop":
             result = await client.stop(command.job_id)
@@ -56,6 +64,62 @@ async def run(command: Command, stdout: BinaryIO, stderr: TextIO) -> int:
     stdout.write(text.encode())
     stdout.flush()
     return EXIT_OK
+
+
+def _connect(settings: Connection) -> AbstractAsyncContextManager[JobClient]:
+    return open_client(
+        settings.server,
+        cert=settings.cert,
+        key=settings.key,
+        ca=settings.ca,
+        connect_timeout=settings.timeout,
+        call_timeout=settings.timeout,
+    )
+
+
+def retries_create(error: RpcError) -> bool:
+    """True if a create that failed with ``error`` is sent again: the ones that leave the
+    job's fate unknown, a connection that dropped mid-call or no answer in time. Not a
+    connection that could not be made (the request was never sent: a certificate problem
+    or an unreachable server, reported as it is), nor a server that said it is shutting
+    down (it refused the job)."""
+    if isinstance(error, ConnectError | ServerShuttingDown):
+        return False
+    return error.code_name in CREATE_RETRY_CODES
+
+
+async def create(command: Command, stderr: TextIO) -> worker_pb2.CreateJobRes:
+    """CreateJob with the command's request id (a fresh one if it gives none), on a
+    connection of its own; after an error that ``retries_create``, once more on a new
+    connection, with a notice on stderr. Raises the RpcError that ends it."""
+    request_id = command.request_id or new_request_id()
+    try:
+        return await _create_once(command, request_id)
+    except RpcError as exc:
+        if not retries_create(exc):
+            raise
+        stderr.write(
+            f"jobworker: {render.escape(str(exc))}; sending the create again"
+            f" (request id {render.escape(request_id)})\n"
+        )
+        stderr.flush()
+    await trio.sleep(CREATE_RETRY_PAUSE_S)
+    return await _create_once(command, request_id)
+
+
+async def _create_once(command: Command, request_id: str) -> worker_pb2.CreateJobRes:
+    async with _connect(command.connection) as client:
+        return await client.create(
+            command.command,
+            command.args,
+            max_cpu=command.max_cpu,
+            max_memory=command.max_memory,
+            max_iobps=command.max_iobps,
+            timeout_seconds=command.timeout_seconds,
+            env=dict(command.env),
+            working_dir=command.working_dir,
+            request_id=request_id,
+        )
 
 
 class OutputWriter:

@@ -12,6 +12,7 @@ from jobworker.client.jobs import (
     DEFAULT_CONNECT_TIMEOUT_S,
     JobClient,
     JobOutput,
+    new_request_id,
     open_client,
 )
 from jobworker.errors import (
@@ -35,6 +36,7 @@ __all__ = [
     "RpcError",
     "ServerAddress",
     "ServerShuttingDown",
+    "new_request_id",
     "open_client",
     "parse_server",
 ]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -46,6 +47,11 @@ DEFAULT_CALL_TIMEOUT_S = 10.0
 # close_notify. Bounded so a dead peer cannot hold the caller.
 CLOSE_FLUSH_S = 1.0
 CLOSE_STREAM_S = 1.0
+
+
+def new_request_id() -> str:
+    """A fresh idempotency key for ``JobClient.create``: 32 random hex digits (a UUID4)."""
+    return uuid.uuid4().hex
 
 
 class _Message(Protocol):
@@ -143,10 +149,14 @@ class JobClient:
         timeout_seconds: int = 0,
         env: Mapping[str, str] | None = None,
         working_dir: str = "",
+        request_id: str = "",
     ) -> worker_pb2.CreateJobRes:
         """CreateJob. Zero limits (and a zero ``timeout_seconds``) mean the server's
         defaults; ``env`` is added to the job's environment; ``working_dir`` "" means the
-        job's own scratch dir."""
+        job's own scratch dir. ``request_id`` is an idempotency key (up to 128 printable
+        ASCII characters; "" none): a create this client identity sent with the same key
+        within 24 h returns that job instead of starting another, so the call can be retried
+        after a timeout or a dropped connection (``new_request_id`` makes one)."""
         request = worker_pb2.CreateJobReq(
             command=command,
             args=list(args),
@@ -156,6 +166,7 @@ class JobClient:
             timeoutSeconds=timeout_seconds,
             env=dict(env or {}),
             workingDir=working_dir,
+            requestId=request_id,
         )
         return await self._unary("CreateJob", request, worker_pb2.CreateJobRes)
 
@@ -175,33 +186,52 @@ class JobClient:
         *,
         page_size: int = 0,
         statuses: Sequence[str] = (),
+        owner: str = "",
         newest_first: bool = False,
     ) -> worker_pb2.ListJobsRes:
-        """ListJobs: one page; pass its ``nextPageToken`` to get the next ("" = last page)."""
+        """ListJobs: one page; pass its ``nextPageToken`` to get the next ("" = last page).
+        ``statuses`` and ``owner`` filter (empty: every job), ``newest_first`` orders."""
         request = worker_pb2.ListJobsReq(
             pageSize=page_size,
             pageToken=page_token,
             status=builtins.list(statuses),
+            owner=owner,
             newestFirst=newest_first,
         )
         return await self._unary("ListJobs", request, worker_pb2.ListJobsRes)
 
-    async def list_all(self) -> builtins.list[worker_pb2.Job]:
-        """Every job, in id order, paged through ListJobs (each page one call, with its own
-        deadline). Falls back to GetJobs on a server without ListJobs (UNIMPLEMENTED)."""
+    async def list_all(
+        self,
+        *,
+        statuses: Sequence[str] = (),
+        owner: str = "",
+        limit: int | None = None,
+        newest_first: bool = False,
+    ) -> builtins.list[worker_pb2.Job]:
+        """Every job (in ``statuses``, of ``owner``, when given), in id order (or newest
+        first), at most ``limit`` of them, paged through ListJobs (each page one call, with
+        its own deadline; no page is asked for past the limit). On a server without ListJobs
+        (UNIMPLEMENTED): GetJobs, with the same filters applied here."""
         jobs: builtins.list[worker_pb2.Job] = []
         token = ""
-        while True:
+        while limit is None or len(jobs) < limit:
             try:
-                page = await self.list_page(token)
+                page = await self.list_page(
+                    token,
+                    page_size=0 if limit is None else limit - len(jobs),
+                    statuses=statuses,
+                    owner=owner,
+                    newest_first=newest_first,
+                )
             except RpcError as exc:
                 if exc.code_name == "UNIMPLEMENTED" and not token:
-                    return await self.list()
+                    return _filtered(await self.list(), statuses, owner, limit, newest_first)
                 raise
             jobs.extend(page.jobs)
             token = page.nextPageToken
             if not token:
-                return jobs
+                break
+        return jobs[:limit]
 
     async def stop(self, job_id: str) -> worker_pb2.StopJobRes:
         """StopJob."""
@@ -238,6 +268,23 @@ class JobClient:
                     call.close()
         except trio.TooSlowError:
             raise DeadlineExceeded(timeout) from None
+
+
+def _filtered(
+    jobs: Sequence[worker_pb2.Job],
+    statuses: Sequence[str],
+    owner: str,
+    limit: int | None,
+    newest_first: bool,
+) -> builtins.list[worker_pb2.Job]:
+    """What ListJobs would have listed of ``jobs`` (GetJobs' answer, in id order)."""
+    wanted = {status.upper() for status in statuses}
+    kept = [
+        job
+        for job in (reversed(jobs) if newest_first else jobs)
+        if (not wanted or job.status in wanted) and (not owner or job.owner == owner)
+    ]
+    return kept[:limit]
 
 
 async def _single_response(call: Call, response_type: _Parser[_Response]) -> _Response:

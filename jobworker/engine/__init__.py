@@ -16,6 +16,7 @@ from jobworker.engine.model import (
     utc_now,
 )
 from jobworker.engine.output import OutputReader
+from jobworker.engine.quotas import RoleCeiling, RunningLimits
 from jobworker.engine.store import LOST_REASON
 from jobworker.engine.supervision import (
     SHUTDOWN_REASON,
@@ -37,6 +38,8 @@ __all__ = [
     "JobStatus",
     "Limits",
     "OutputReader",
+    "RoleCeiling",
+    "RunningLimits",
     "Usage",
     "open_job_manager",
     "rfc3339",

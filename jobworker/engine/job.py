@@ -51,7 +51,11 @@ class Job:
     def record(self) -> JobRecord:
         if self._final is not None:
             return self._final
-        snapshot = replace(self._record, output_bytes=self.output.length)
+        snapshot = replace(
+            self._record,
+            output_bytes=self.output.length,
+            written_bytes=self.output.written_bytes,
+        )
         if self.ended.is_set():
             # Ended: neither the record nor the output length changes again. Reused, as
             # replace() costs ~3 us: 27 ms of every GetJobs over 10,000 finished jobs.

@@ -10,7 +10,7 @@ the records and leaves no process behind. Records that could not be written
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
@@ -19,9 +19,12 @@ import trio
 from jobworker import logtext
 from jobworker.cgroups.base import DEFAULT_PIDS_MAX, ResourceController
 from jobworker.cgroups.null import NullController
+from jobworker.engine.idempotency import REQUEST_ID_TTL_S, RequestIds, check_request_id
 from jobworker.engine.job import Job
 from jobworker.engine.model import JobRecord, JobSpec, JobStatus, Usage, utc_now
 from jobworker.engine.output import OutputLog, OutputReader
+from jobworker.engine.quotas import RoleCeiling, RunningJobs, RunningLimits, check_ceiling
+from jobworker.engine.retention import RETENTION_INTERVAL_S, RetentionPolicy, describe_ids
 from jobworker.engine.spec import (
     applied_timeout,
     check_working_dir,
@@ -107,8 +110,13 @@ class JobManager:
         pids_max: int,
         next_id: int,
         min_free_disk: int,
+        retention: RetentionPolicy | None = None,
+        max_output_bytes: int | None = None,
         default_timeout: int | None = None,
         max_timeout: int | None = None,
+        request_id_ttl: float = REQUEST_ID_TTL_S,
+        running_limits: RunningLimits | None = None,
+        role_ceilings: Mapping[str, RoleCeiling] | None = None,
     ) -> None:
         self._nursery = nursery
         self._store = store
@@ -124,8 +132,14 @@ class JobManager:
         self._min_free_disk = min_free_disk
         self._default_timeout = default_timeout
         self._max_timeout = max_timeout
+        self._retention = retention or RetentionPolicy()
+        self._max_output = max_output_bytes
+        self._delete_watchers: list[Callable[[JobRecord], None]] = []
         self._env = job_environment()
         self._jobs: dict[str, Job] = {}
+        self._requests = RequestIds(request_id_ttl)
+        self._running = RunningJobs(running_limits or RunningLimits())
+        self._ceilings = dict(role_ceilings or {})
         self._closing = False
         # Jobs this start found recorded as running and marked LOST (their end was never seen).
         self.found_lost: tuple[str, ...] = ()
@@ -137,8 +151,10 @@ class JobManager:
             ended=True,
             job_id=record.id,
             missing=output_length is None,
+            written=record.written_bytes,
         )
         self._jobs[record.id] = Job(record, output)
+        self._requests.bind(record)
 
     def _job(self, job_id: str) -> Job:
         job = self._jobs.get(job_id)
@@ -147,11 +163,35 @@ class JobManager:
         return job
 
     async def create(self, spec: JobSpec) -> JobRecord:
+        """Start the job of ``spec`` (see ``_start``); or, if its owner sent its
+        ``request_id`` in a create within the manager's window (24 h by default, also before
+        a restart), return the job that create made, as it is now, and start nothing. A
+        create with that key still under way is waited for first (milliseconds: until its
+        job runs, or its refusal). Raises InvalidJobSpec for a malformed request id, and
+        what ``_start`` raises; a refused create (no job) leaves its key unused. The key is
+        bound once the job has an id: a caller cancelled after that has its job found by a
+        retry."""
+        if not spec.request_id:
+            return await self._start(spec)
+        check_request_id(spec.request_id)
+        claim = self._requests.claim(spec.owner, spec.request_id, self._jobs.__contains__)
+        async with claim as job_id:
+            if job_id is None:
+                return await self._start(spec)
+            job = self._jobs[job_id]
+        log.info("job %s: returned again, for a repeated request id", job_id)
+        await job.spawned.wait()  # at once unless it is being spawned
+        return job.record
+
+    async def _start(self, spec: JobSpec) -> JobRecord:
         """Validate ``spec``, then start the job; return once its process runs.
 
         Raises InvalidJobSpec (CommandNotFound, CommandNotExecutable, LimitRefused, a bad
-        env, time limit or working directory) before
-        anything is made: no id is used, nothing is written; so does DataDiskFull while the
+        env, time limit or working directory, AboveRoleLimit above the ceiling of the
+        spec's role) before
+        anything is made: no id is used, nothing is written; so do TooManyRunningJobs when
+        the running jobs (of the server, or of the spec's owner) reach their limit, and
+        DataDiskFull while the
         data disk has less free space than the floor, and when the disk fills up before the
         job's first files are made (what was made is removed; the id is given back unless a
         later create took the next one meanwhile). Raises JobStartFailed if the
@@ -167,6 +207,9 @@ class JobManager:
         timeout = applied_timeout(
             spec.timeout_seconds, default=self._default_timeout, maximum=self._max_timeout
         )
+        ceiling = self._ceilings.get(spec.role)
+        if ceiling is not None:
+            limits, timeout = check_ceiling(ceiling, spec, limits, timeout)
         # One thread hop for every check that touches the disk: under load a hop costs as
         # much as a process spawn (see docs/benchmarks.md).
         executable, free = await trio.to_thread.run_sync(self._check_paths, spec)
@@ -183,6 +226,9 @@ class JobManager:
         await trio.lowlevel.checkpoint()
         if self._closing:
             raise JobStartFailed("the worker is shutting down")
+        # Counted with no checkpoint before the job joins the count: concurrent creates
+        # cannot both take the last place.
+        self._running.check(spec.owner)
         # No checkpoint from here to the id increment: the id is ours alone, and a refused
         # limit (raised by create) leaves the counter untouched.
         job_id = str(self._next_id)
@@ -213,21 +259,29 @@ class JobManager:
             uid=None if ids is None else ids[0],
             gid=None if ids is None else ids[1],
         )
+        now = utc_now()
         record = JobRecord(
             id=job_id,
             command=spec.command,
             args=tuple(spec.args),
             limits=limits,
             status=JobStatus.INITIALIZING,
-            start_time=utc_now(),
+            start_time=now,
             owner=spec.owner,
             timeout_s=timeout,
             env=dict(spec.env),
             working_dir=spec.working_dir,
+            request_id=spec.request_id,
+            request_time=now if spec.request_id else None,
         )
         job = SupervisedJob(
             record,
-            OutputLog(self._store.output_path(job_id), job_id=job_id, reserve=self._store.reserve),
+            OutputLog(
+                self._store.output_path(job_id),
+                job_id=job_id,
+                reserve=self._store.reserve,
+                cap=self._max_output,
+            ),
             store=self._store,
             cgroup=cgroup,
             launcher=self._launcher,
@@ -236,6 +290,8 @@ class JobManager:
             on_gone=lambda: self._users.release(request.uid),
         )
         self._jobs[job_id] = job
+        self._running.add(job)
+        self._requests.bind(record)
         log.info(
             "job %s created: %s (cpu %d%%, memory %d MB, io %d B/s)",
             job_id,
@@ -248,6 +304,8 @@ class JobManager:
             await self._nursery.start(job.run)
         except DataDiskFull:
             del self._jobs[job_id]
+            self._running.discard(job_id)
+            self._requests.forget(record)
             if self._next_id == int(job_id) + 1:
                 self._next_id = int(job_id)  # no create took a later id: nothing skips it
             raise
@@ -326,6 +384,17 @@ class JobManager:
         never given again, also after a restart. Cancelling the caller does not stop a
         delete once begun. If the disk refuses the mark or the rename (OSError, re-raised),
         the job is back as it was, its files untouched."""
+        record = await self._delete(job_id)
+        log.info("job %s deleted", job_id)
+        return record
+
+    def watch_deletes(self, callback: Callable[[JobRecord], None]) -> None:
+        """Call ``callback`` with the last record of each job deleted from now on (by
+        ``delete`` or by retention), once its files are gone."""
+        self._delete_watchers.append(callback)
+
+    async def _delete(self, job_id: str) -> JobRecord:
+        """``delete``, without its log line (retention logs one line per sweep)."""
         job = self._job(job_id)
         if job.status.is_terminal and not job.ended.is_set():
             await job.ended.wait()  # its final record is being written: milliseconds
@@ -334,6 +403,7 @@ class JobManager:
             raise JobIsRunning(job_id)
         # No checkpoint since the lookup: one delete wins, the others get JobNotFound.
         del self._jobs[job_id]
+        self._requests.forget(job.record)  # its request id may start a new job from now on
         with trio.CancelScope(shield=True):  # the job is gone from the table: finish the job
             await job.end_streams(DELETE_STREAM_PATIENCE_S, STREAM_CANCEL_WAIT_S)
             try:
@@ -342,8 +412,10 @@ class JobManager:
                 log.warning("job %s: cannot delete it: %s", job_id, exc.strerror or exc)
                 job.output.removed = False
                 self._jobs[job_id] = job
+                self._requests.bind(job.record)
                 raise
-        log.info("job %s deleted", job_id)
+        for watcher in self._delete_watchers:
+            watcher(job.record)
         return job.record
 
     def output_size(self, job_id: str) -> int:
@@ -380,6 +452,44 @@ class JobManager:
         if free >= self._min_free_disk:
             await trio.to_thread.run_sync(self._store.reserve.ensure)
 
+    async def _retain(self, interval: float) -> None:
+        """Apply the retention policy at once, then every ``interval`` seconds, until
+        cancelled: delete (through the delete path: their streams end first) the finished
+        jobs it no longer keeps, with one log line per sweep that deleted any. A job whose
+        deletion fails (the disk refuses it) is logged and tried again at the next sweep;
+        nothing here ends the manager."""
+        while True:
+            try:
+                await self._sweep()
+            except Exception:
+                # Retention is housekeeping: a bug in it must not take the jobs down.
+                log.exception("retention: the sweep failed; it runs again in %g s", interval)
+            await trio.sleep(interval)
+
+    async def _sweep(self) -> None:
+        finished = [
+            job.record
+            for job in self._jobs.values()
+            if job.status.is_terminal and job.ended.is_set()
+        ]
+        finished.sort(key=lambda record: int(record.id))
+        deleted: list[str] = []
+        for record in self._retention.due(finished, utc_now()):
+            try:
+                await self._delete(record.id)
+            except (JobNotFound, JobIsRunning):
+                continue  # deleted by a client meanwhile
+            except OSError:
+                continue  # logged by _delete; the next sweep tries again
+            deleted.append(record.id)
+        if deleted:
+            log.info(
+                "retention: deleted %d finished jobs (%s; %s)",
+                len(deleted),
+                describe_ids(deleted),
+                self._retention.describe(),
+            )
+
     def usage(self, job_id: str) -> Usage | None:
         """A RUNNING job's resource usage, read from its cgroup now (None when the job is not
         running, has no cgroup, or its cgroup just went away). Raises JobNotFound."""
@@ -406,6 +516,12 @@ async def open_job_manager(
     min_free_disk: int | None = None,
     default_timeout: int | None = None,
     max_timeout: int | None = None,
+    retention: RetentionPolicy | None = None,
+    retention_interval: float = RETENTION_INTERVAL_S,
+    max_output_bytes: int | None = None,
+    request_id_ttl: float = REQUEST_ID_TTL_S,
+    running_limits: RunningLimits | None = None,
+    role_ceilings: Mapping[str, RoleCeiling] | None = None,
 ) -> AsyncIterator[JobManager]:
     """Load the records of ``data_dir`` (INITIALIZING/RUNNING ones become LOST), sweep stale
     cgroups, and run the nursery that owns every job. ``controller`` None means no cgroups
@@ -415,7 +531,12 @@ async def open_job_manager(
     namespace must not see (the data dir always is one); ``min_free_disk`` None means
     ``default_min_free_disk`` of the data disk; ``default_timeout`` is the time limit (in
     seconds) of a job that asks for none, ``max_timeout`` the most a job may ask for (None:
-    no default, no maximum). Raises DataDirUnusable if ``jobs/`` is not a
+    no default, no maximum); ``request_id_ttl`` how long (seconds, wall clock) a create's
+    request id returns its job; ``running_limits`` how many jobs may run at once (None: no
+    limit), ``role_ceilings`` the most a job of each role may ask for (a role not in it: no
+    ceiling); ``retention`` which finished jobs are deleted (None: none), checked at start
+    and every ``retention_interval`` seconds; ``max_output_bytes`` caps each job's kept
+    output (None: no cap). Raises DataDirUnusable if ``jobs/`` is not a
     usable directory, or if ``next-id`` (the id high-water mark) is unreadable. The load is
     cancellable: it checks for cancellation between batches.
 
@@ -465,13 +586,21 @@ async def open_job_manager(
                     pids_max=pids_max,
                     next_id=loaded.highest_id + 1,
                     min_free_disk=floor,
+                    retention=retention,
+                    max_output_bytes=max_output_bytes,
                     default_timeout=default_timeout,
                     max_timeout=max_timeout,
+                    request_id_ttl=request_id_ttl,
+                    running_limits=running_limits,
+                    role_ceilings=role_ceilings,
                 )
                 for record in loaded.records:
                     manager._add_loaded(record, loaded.output_lengths[record.id])
                 manager.found_lost = tuple(loaded.found_lost)
                 keeper.start_soon(manager._keep_records)
+                if retention is not None and retention.enabled:
+                    log.info("retention: deleting finished jobs %s", retention.describe())
+                    keeper.start_soon(manager._retain, retention_interval)
                 try:
                     yield manager
                 finally:

@@ -56,7 +56,10 @@ class JobSpec:
     """What a client asks for, and who asks (``owner``: the CN of its certificate). Zero
     limits mean "the default"; validation fills them in. ``timeout_seconds`` 0 means the
     server's default time limit; ``env`` is added to the job's clean environment;
-    ``working_dir`` empty means the job's own scratch dir."""
+    ``working_dir`` empty means the job's own scratch dir. ``request_id`` is the client's
+    idempotency key (empty: none): a create whose owner and request id match a recent one
+    returns that job. ``role`` is the creator's role (the OU of its certificate): the
+    manager holds it to that role's ceiling, if it has one."""
 
     command: str
     args: tuple[str, ...] = ()
@@ -67,6 +70,8 @@ class JobSpec:
     timeout_seconds: int = 0
     env: Mapping[str, str] = field(default_factory=dict)
     working_dir: str = ""
+    request_id: str = ""
+    role: str = ""
 
 
 @dataclass(frozen=True)
@@ -79,10 +84,14 @@ class JobRecord:
     "exited with status 3", "stopped by request", "killed by signal 9",
     "out of memory (limit 50 MB)", "could not start: ...",
     "worker restarted while the job was running", "worker shutdown",
-    "timed out after 30 s". ``owner`` is who created it (empty for records from before
-    owners were kept). ``timeout_s`` is the applied time limit in seconds (0: none), ``env``
-    the variables the client added (as requested), ``working_dir`` the cwd it asked for
-    (empty: the job's scratch dir).
+    "timed out after 30 s". ``output_bytes`` is the length of its output log (what was
+    kept, with the engine's marker lines), ``written_bytes`` what the job wrote (more, once
+    an output cap discarded some or the disk refused some). ``owner`` is who created it
+    (empty for records from before owners were kept). ``timeout_s`` is the applied time
+    limit in seconds (0: none), ``env`` the variables the client added (as requested),
+    ``working_dir`` the cwd it asked for
+    (empty: the job's scratch dir). ``request_id`` is the idempotency key that created it
+    (empty: none) and ``request_time`` when that key was used (None without a key).
     """
 
     id: str
@@ -96,10 +105,13 @@ class JobRecord:
     reason: str = ""
     usage: Usage = field(default_factory=Usage)
     output_bytes: int = 0
+    written_bytes: int = 0
     owner: str = ""
     timeout_s: int = 0
     env: Mapping[str, str] = field(default_factory=dict)
     working_dir: str = ""
+    request_id: str = ""
+    request_time: dt.datetime | None = None
 
 
 def utc_now() -> dt.datetime:

@@ -18,6 +18,11 @@ gap is visible where it happened. The length only ever counts bytes the file
 holds. A marker still owed when the job ends is written then, with the disk
 reserve released if need be.
 
+An output cap (``cap``) keeps the first ``cap`` bytes the job writes: the first byte beyond
+it is replaced by one marker, ``[jobworker: output truncated at N bytes]``, and the rest is
+counted (``written_bytes``) but never written. The job runs on; readers get the kept bytes,
+the marker, and their end when the job ends.
+
 Memory per reader is bounded by LIVE_WINDOW_BYTES of queued pump chunks (or a
 single larger chunk) plus the one chunk or file read (FILE_READ_BYTES) it is
 delivering, whatever the size of the output.
@@ -44,7 +49,14 @@ from jobworker.engine.disk import (
 )
 from jobworker.errors import JobNotFound, OutputLost
 
-__all__ = ["LIVE_WINDOW_CHUNKS", "OutputLog", "OutputReader", "loss_marker"]
+__all__ = [
+    "LIVE_WINDOW_CHUNKS",
+    "OutputLog",
+    "OutputReader",
+    "loss_marker",
+    "truncated_marker",
+    "truncated_summary",
+]
 
 log = logging.getLogger("jobworker.engine")
 
@@ -70,6 +82,16 @@ DISK_FULL_CAUSE = "data disk full"
 def loss_marker(lost: int, cause: str) -> bytes:
     """The line written into the output where ``lost`` bytes are missing."""
     return f"\n[jobworker: {lost} bytes of output lost: {cause}]\n".encode()
+
+
+def truncated_summary(cap: int) -> str:
+    """The clause a capped job's reason ends with: ``output truncated at N bytes``."""
+    return f"output truncated at {cap} bytes"
+
+
+def truncated_marker(cap: int) -> bytes:
+    """The line that ends the output of a job that wrote more than ``cap`` bytes."""
+    return f"\n[jobworker: {truncated_summary(cap)}]\n".encode()
 
 
 def _write_some(fd: int, data: bytes) -> tuple[int, OSError | None]:
@@ -118,6 +140,8 @@ class OutputLog:
         job_id: str = "",
         missing: bool = False,
         reserve: DiskReserve | None = None,
+        cap: int | None = None,
+        written: int | None = None,
     ) -> None:
         self.path = path
         self.job_id = job_id
@@ -127,6 +151,12 @@ class OutputLog:
         self._live_window = live_window
         self.length = length
         self.ended = ended
+        self.cap = cap  # bytes of the job's output kept at most (None: all of them)
+        # Bytes the job wrote: what ``length`` holds, plus what the cap or the disk dropped,
+        # minus the marker lines (a loaded log: as its record says).
+        self.written_bytes = length if written is None else written
+        self._kept = 0  # bytes of the job's output offered to the file (at most ``cap``)
+        self.truncated = False  # the job wrote more than ``cap``: the rest was discarded
         self._fd: int | None = None
         self.lost_bytes = 0  # dropped because the disk refused them
         self.loss_cause = ""  # why, for the first loss ("data disk full")
@@ -142,6 +172,15 @@ class OutputLog:
         """Create the file and open it for appending (blocking: call from a thread)."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
         self._fd = os.open(self.path, flags, 0o600)
+
+    @property
+    def summary(self) -> str:
+        """What the job's reason adds about its output (clauses joined by "; "): the loss
+        (``loss_summary``), the truncation (``output truncated at N bytes``); "" if none."""
+        clauses = [self.loss_summary]
+        if self.truncated and self.cap is not None:
+            clauses.append(truncated_summary(self.cap))
+        return "; ".join(clause for clause in clauses if clause)
 
     @property
     def loss_summary(self) -> str:
@@ -195,9 +234,28 @@ class OutputLog:
         """
         if self._fd is None:
             return
+        self.written_bytes += len(data)
+        if self.cap is not None:
+            data = self._capped(data, self.cap)
+            if not data:
+                return
         data = await trio.to_thread.run_sync(self._write, self._fd, data)
         if data:
             self._publish(data)
+
+    def _capped(self, data: bytes, cap: int) -> bytes:
+        """What of ``data`` goes to the file under the cap: all of it while it fits; the
+        part that fits and the marker for the first chunk that does not; nothing after."""
+        if self.truncated:
+            return b""
+        room = cap - self._kept
+        if len(data) <= room:
+            self._kept += len(data)
+            return data
+        self._kept = cap
+        self.truncated = True
+        log.info("job %s: output truncated at %d bytes", self.job_id, cap)
+        return data[:room] + truncated_marker(cap)
 
     async def write_owed_marker(self) -> None:
         """At the job's end: write the marker still owed for a gap, releasing the disk

@@ -98,10 +98,13 @@ def record_to_json(record: JobRecord) -> dict[str, Any]:
             "oom_kills": record.usage.oom_kills,
         },
         "output_bytes": record.output_bytes,
+        "written_bytes": record.written_bytes,
         "owner": record.owner,
         "timeout_s": record.timeout_s,
         "env": dict(record.env),
         "working_dir": record.working_dir,
+        "request_id": record.request_id,
+        "request_time": record.request_time.isoformat() if record.request_time else None,
     }
 
 
@@ -172,6 +175,8 @@ def record_from_json(data: dict[str, Any]) -> JobRecord:
     peak = usage.get("peak_memory_bytes")
     exit_code = data.get("exit_code")
     end_time = data.get("end_time")
+    output_bytes = _int(data.get("output_bytes", 0))
+    request_time = data.get("request_time")  # absent from records of before request ids
     return JobRecord(
         id=_str(data["id"]),
         command=_str(data["command"]),
@@ -192,12 +197,16 @@ def record_from_json(data: dict[str, Any]) -> JobRecord:
             peak_memory_bytes=None if peak is None else _int(peak),
             oom_kills=_int(usage.get("oom_kills", 0)),
         ),
-        output_bytes=_int(data.get("output_bytes", 0)),
+        output_bytes=output_bytes,
+        # Records from before output caps: the job wrote what its log holds.
+        written_bytes=_int(data.get("written_bytes", output_bytes)),
         owner=_str(data.get("owner", "")),
         # Records from before time limits, env and working directories: none of them.
         timeout_s=_int32(data.get("timeout_s", 0)),
         env=_env(data.get("env", {})),
         working_dir=_str(data.get("working_dir", "")),
+        request_id=_str(data.get("request_id", "")),
+        request_time=None if request_time is None else _time(request_time),
     )
 
 
@@ -618,6 +627,7 @@ class JobStore:
                     status=JobStatus.LOST,
                     reason=LOST_REASON,
                     output_bytes=length or 0,
+                    written_bytes=max(record.written_bytes, length or 0),
                 )
                 log.warning("job %s: marked LOST (%s)", record.id, LOST_REASON)
                 found_lost.append(record.id)

@@ -119,7 +119,7 @@ class SupervisedJob(Job):
         self._oom = False
         self._exited_by_itself = False
         self._emptied = False  # True once no process of the job is left
-        self._lost_seen = 0  # output lost so far, as the record's reason says
+        self._output_seen = ""  # what the record's reason says of the output (loss, cap)
 
     def request_stop(self, reason: str) -> None:
         """Ask the job to end (first reason wins); its task does the killing and recording."""
@@ -322,10 +322,12 @@ class SupervisedJob(Job):
                     _enlarge_pipe(stream.fileno())
                 while data := await stream.receive_some(PUMP_READ_BYTES):
                     await self.output.append(bytes(data))
-                    if self.output.lost_bytes != self._lost_seen:
-                        # The loss shows in the job's reason while it runs, not only at its end.
-                        self._lost_seen = self.output.lost_bytes
-                        self._record = replace(self._record, reason=self.output.loss_summary)
+                    summary = self.output.summary
+                    if summary != self._output_seen:
+                        # A loss or the cap shows in the job's reason while it runs, not only
+                        # at its end.
+                        self._output_seen = summary
+                        self._record = replace(self._record, reason=summary)
         finally:
             self._pump_done.set()
             with trio.CancelScope(shield=True):
@@ -441,8 +443,8 @@ class SupervisedJob(Job):
         else:
             status, reason = JobStatus.FAILED, f"killed by signal {-returncode}"
         await self.output.write_owed_marker()
-        if self.output.lost_bytes:
-            reason = f"{reason}; {self.output.loss_summary}"
+        if self.output.summary:
+            reason = f"{reason}; {self.output.summary}"
         end = utc_now()
         self._record = replace(
             self._record,

@@ -29,7 +29,7 @@ from prometheus_client import generate_latest
 
 from jobworker.cgroups.base import ResourceController
 from jobworker.cgroups.detect import detect_controller
-from jobworker.engine import open_job_manager
+from jobworker.engine import RunningLimits, open_job_manager
 from jobworker.launch.isolation import IsolationUnusable, establish_isolation, parse_isolation
 from jobworker.launch.launcher import Launcher, open_launcher
 from jobworker.launch.reaper import Reaper
@@ -42,6 +42,7 @@ from jobworker.server.listener import Listener, format_address
 from jobworker.server.logs import announce
 from jobworker.server.metrics import ObservedManager, ServerMetrics, cgroups_label
 from jobworker.server.metrics_http import open_metrics_server
+from jobworker.server.ratelimit import RateLimiter
 from jobworker.server.reflection import Reflection
 from jobworker.server.sdnotify import notify
 from jobworker.server.service import JobService
@@ -250,6 +251,15 @@ async def serve(
                     min_free_disk=config.min_free_disk,
                     default_timeout=config.default_job_timeout,
                     max_timeout=config.max_job_timeout,
+                    running_limits=RunningLimits(
+                        config.max_running_jobs, config.max_running_jobs_per_client
+                    ),
+                    role_ceilings=None
+                    if config.role_limits is None
+                    else config.role_limits.by_role(),
+                    retention=config.retention,
+                    retention_interval=config.retention_interval,
+                    max_output_bytes=config.max_output_bytes,
                 ) as manager:
                     health = Health()
                     metrics = (  # without --metrics-listen nothing is counted: no cost per RPC
@@ -266,10 +276,17 @@ async def serve(
                         else ObservedManager(manager, metrics).as_manager()
                     )
                     service = JobService(served, max_message_bytes=config.limits.max_message_bytes)
+                    # Deleted by DeleteJob or by retention: what remembers the job forgets it.
+                    manager.watch_deletes(service.job_deleted)
+                    if metrics is not None:
+                        manager.watch_deletes(metrics.job_deleted)
                     handler = ConnectionHandler(
                         method_table(service, health),
                         config.limits,
                         None if metrics is None else metrics.observe_rpc,
+                        rate_limiter=None
+                        if config.rate_limit is None
+                        else RateLimiter(config.rate_limit),
                     )
                     sockets = [s for s in tcp.listeners if isinstance(s, anyio.abc.SocketListener)]
                     listener = Listener(

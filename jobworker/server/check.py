@@ -325,6 +325,20 @@ def _job_timeouts(config: ServerConfig) -> str:
     return f"job timeout {applied} s unless asked{limit}, "
 
 
+def _quotas(config: ServerConfig) -> str:
+    """The quotas, as the "would enforce" line lists them ("" when there are none)."""
+    parts = []
+    if config.max_running_jobs is not None:
+        parts.append(f"max-running-jobs {config.max_running_jobs}")
+    if config.max_running_jobs_per_client is not None:
+        parts.append(f"max-running-jobs-per-client {config.max_running_jobs_per_client}")
+    if config.role_limits is not None:
+        parts.append(f"role-limits {config.role_limits}")
+    if config.rate_limit is not None:
+        parts.append(f"rate-limit {config.rate_limit} per client")
+    return "".join(f"{part}, " for part in parts)
+
+
 def _enforced(config: ServerConfig, sandbox: str | None) -> Finding:
     limits = config.limits
     return Finding(
@@ -333,6 +347,7 @@ def _enforced(config: ServerConfig, sandbox: str | None) -> Finding:
         f"{f'{sandbox}; ' if sandbox else ''}"
         f"pids-max {config.pids_max} per job, stop grace {config.stop_grace:g} s, "
         f"{_job_timeouts(config)}"
+        f"{_quotas(config)}"
         f"max-connections {config.max_connections}, max-concurrent-streams "
         f"{limits.max_concurrent_streams}, max-message-bytes {limits.max_message_bytes}, "
         f"idle-timeout {limits.idle_timeout:g} s, handshake-timeout "

@@ -8,8 +8,11 @@ from pathlib import Path
 
 from jobworker.cgroups.base import DEFAULT_PIDS_MAX
 from jobworker.cgroups.detect import CgroupMode
+from jobworker.engine.retention import RETENTION_INTERVAL_S, RetentionPolicy
 from jobworker.engine.supervision import STOP_GRACE_S
 from jobworker.launch.users import DEFAULT_UID_RANGE
+from jobworker.server.quotas import RoleLimits
+from jobworker.server.ratelimit import RateLimit
 from jobworker.wire.contract import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_PORT
 from jobworker.wire.core import WireLimits
 from jobworker.wire.keepalive import KeepalivePolicy
@@ -68,5 +71,12 @@ class ServerConfig:
     pids_max: int = DEFAULT_PIDS_MAX
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     min_free_disk: int | None = None  # None: the engine's default for the data disk
+    retention: RetentionPolicy = field(default_factory=RetentionPolicy)  # default: keep all
+    retention_interval: float = RETENTION_INTERVAL_S  # seconds between retention sweeps
+    max_output_bytes: int | None = None  # output kept per job; None: all of it
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
     metrics_listen: tuple[str, int] | None = None  # Prometheus /metrics address; None: off
+    max_running_jobs: int | None = None  # INITIALIZING or RUNNING at once; None: no limit
+    max_running_jobs_per_client: int | None = None  # the same, per certificate CN
+    role_limits: RoleLimits | None = None  # what a job of each role may ask for; None: any
+    rate_limit: RateLimit | None = None  # job service calls per client CN; None: no limit

@@ -41,6 +41,7 @@ class CallContext:
     # Custom metadata the handler sends back (add_header, add_trailer): the one mutable part.
     headers: list[tuple[str, str]] = field(default_factory=list, compare=False, repr=False)
     trailers: list[tuple[str, str]] = field(default_factory=list, compare=False, repr=False)
+    error_trailers: list[tuple[str, str]] = field(default_factory=list, compare=False, repr=False)
 
     @property
     def role(self) -> str:
@@ -60,3 +61,9 @@ class CallContext:
         """Send ``name: value`` in the trailers, if the call ends OK (not with an error).
         Raises ValueError for a name or value that metadata cannot carry."""
         self.trailers.append(_checked(name, value))
+
+    def add_error_trailer(self, name: str, value: str) -> None:
+        """Send ``name: value`` in the trailers if the call ends with an error (not OK): what
+        the error means for the client, such as when to retry. Raises ValueError as
+        ``add_trailer`` does."""
+        self.error_trailers.append(_checked(name, value))

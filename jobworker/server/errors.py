@@ -24,6 +24,7 @@ from jobworker.errors import (
     OutputLost,
     PermissionDenied,
     RpcError,
+    TooManyRunningJobs,
     unwrap,
 )
 
@@ -41,6 +42,7 @@ STATUS_TABLE: dict[type[JobWorkerError], StatusCode] = {
     PermissionDenied: StatusCode.PERMISSION_DENIED,
     JobStartFailed: StatusCode.INTERNAL,  # its message is written to be safe to show
     DataDiskFull: StatusCode.RESOURCE_EXHAUSTED,
+    TooManyRunningJobs: StatusCode.RESOURCE_EXHAUSTED,
     OutputLost: StatusCode.DATA_LOSS,
     OffsetOutOfRange: StatusCode.OUT_OF_RANGE,
 }

@@ -4,7 +4,8 @@ and audited here.
 This replaces purerpc's ConnectionHandler (both of its methods would be overridden, so it
 is not subclassed); it drives our ServerSocket (transport.py). Per RPC, in this order:
 (service, method) lookup (UNIMPLEMENTED), the role table (PERMISSION_DENIED, before anything
-else runs), request parsing (RESOURCE_EXHAUSTED / INVALID_ARGUMENT), the servicer call, the
+else runs), the client's request rate (RESOURCE_EXHAUSTED, job service calls only), request
+parsing (RESOURCE_EXHAUSTED / INVALID_ARGUMENT), the servicer call, the
 status. Each RPC runs in its own cancel scope, cancelled by the client's RST_STREAM, by
 its grpc-timeout (DEADLINE_EXCEEDED) or by the server closing the connection (UNAVAILABLE).
 """
@@ -27,15 +28,17 @@ from purerpc.grpclib.events import Event, MessageReceived, RequestEnded, Request
 from purerpc.grpclib.status import Status, StatusCode
 
 from jobworker import logtext
-from jobworker.errors import RpcError, unwrap
+from jobworker.errors import RateLimited, RpcError, unwrap
 from jobworker.server.auth import authorize, operation_name, rule_for
 from jobworker.server.config import ConnectionLimits
 from jobworker.server.context import CallContext
 from jobworker.server.errors import status_for
 from jobworker.server.identity import Identity
+from jobworker.server.ratelimit import RateLimiter, retry_after_ms
 from jobworker.server.service import Method
 from jobworker.server.tls import Peer
 from jobworker.server.transport import BadRequestMessage, ServerSocket, ServerStream
+from jobworker.wire.contract import SERVICE_NAME
 
 log = logging.getLogger(__name__)
 audit_log = logging.getLogger("jobworker.audit")
@@ -81,10 +84,14 @@ class ConnectionHandler:
         methods: MethodTable,
         limits: ConnectionLimits,
         observe_rpc: RpcObserver | None = None,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         self._methods = methods
         self._limits = limits
         self._observe_rpc = observe_rpc
+        # Job service calls per client CN; health and reflection are never limited (a probe
+        # that a busy client's burst turned away would take the server out of rotation).
+        self._rate_limiter = rate_limiter
         self._config = GRPCConfiguration(
             client_side=False, max_message_length=limits.max_message_bytes
         )
@@ -255,6 +262,7 @@ class ConnectionHandler:
             method = self._lookup(request)
             call.known = True
             authorize(context.identity, request.service_name, request.method_name)
+            self._limit_rate(context)
             receive = self._receiver(stream, method.request_type)
 
             async def send(response: Message) -> None:
@@ -275,7 +283,20 @@ class ConnectionHandler:
                 await method.stream(message, send, context)
             return Status(StatusCode.OK)
         except Exception as exc:
+            leaf = unwrap(exc)
+            if isinstance(leaf, RpcError):
+                for name, value in leaf.trailers:
+                    context.add_error_trailer(name, value)
             return status_for(exc)
+
+    def _limit_rate(self, context: CallContext) -> None:
+        """Take a token of the caller's bucket for a job service call; raise RateLimited
+        (with the retry hint) if there is none."""
+        if self._rate_limiter is None or context.service != SERVICE_NAME:
+            return
+        wait = self._rate_limiter.take(context.identity.name)
+        if wait:
+            raise RateLimited(retry_after_ms(wait))
 
     def _lookup(self, request: RequestReceived) -> Method:
         method = self._methods.get((request.service_name, request.method_name))
@@ -338,10 +359,11 @@ def _custom_trailers(
     stream: ServerStream, status: Status, context: CallContext
 ) -> list[tuple[str, str]]:
     """The handler's custom metadata for the end of its call: its trailers on an OK end
-    (with its headers too in a trailers-only response, which carries both); none on an
-    error, where they could describe a state the call never reached."""
+    (with its headers too in a trailers-only response, which carries both); on an error
+    only its error trailers (those of the error itself, such as a retry hint): the others
+    could describe a state the call never reached."""
     if status.status_code != StatusCode.OK:
-        return []
+        return context.error_trailers
     if stream.response_started:
         return context.trailers
     return [*context.headers, *context.trailers]

@@ -31,6 +31,7 @@ import trio
 from jobworker.cgroups.base import DEFAULT_PIDS_MAX
 from jobworker.cgroups.detect import CgroupsUnavailable
 from jobworker.engine.manager import DEFAULT_MIN_FREE_DISK_BYTES, MIN_FREE_DISK_FRACTION
+from jobworker.engine.retention import RETENTION_INTERVAL_S, RetentionPolicy, parse_duration
 from jobworker.engine.spec import MAX_TIMEOUT_SECONDS
 from jobworker.engine.store import DataDirUnusable
 from jobworker.errors import unwrap
@@ -43,6 +44,8 @@ from jobworker.server.config import StartupError
 from jobworker.server.listener import format_address
 from jobworker.server.logs import LOG_FORMATS, LOG_LEVELS, announce, setup_logging
 from jobworker.server.metrics_http import MetricsListenError
+from jobworker.server.quotas import parse_role_limits
+from jobworker.server.ratelimit import parse_rate_limit
 from jobworker.server.settings import CONFIG_ENV, ConfigError, render, resolve
 from jobworker.server.tls import build_server_context
 from jobworker.wire.contract import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_PORT
@@ -131,6 +134,14 @@ def _timeout_seconds(value: str) -> int:
     if seconds > MAX_TIMEOUT_SECONDS:
         raise argparse.ArgumentTypeError(f"must be <= {MAX_TIMEOUT_SECONDS}: {value!r}")
     return seconds
+
+
+def _duration(value: str) -> float:
+    """A retention age: 7d, 12h, 30m, 90s or plain seconds."""
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _isolation_text(value: str) -> str:
@@ -245,6 +256,39 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: no maximum)",
     )
     parser.add_argument(
+        "--max-running-jobs",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="jobs that may run (INITIALIZING or RUNNING) at once; CreateJob beyond is "
+        "RESOURCE_EXHAUSTED (default: no limit)",
+    )
+    parser.add_argument(
+        "--max-running-jobs-per-client",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="the same, per client certificate CN (default: no limit)",
+    )
+    parser.add_argument(
+        "--role-limits",
+        type=parse_role_limits,
+        default=None,
+        metavar="ROLE:KEY=N,...[;ROLE:...]",
+        help="the most a job created by a role may ask for, keys cpu (percent), memory (MB), "
+        "iobps (bytes/s), timeout (seconds), e.g. admin:cpu=400,memory=8192; more is "
+        "INVALID_ARGUMENT (default: no ceilings)",
+    )
+    parser.add_argument(
+        "--rate-limit",
+        type=parse_rate_limit,
+        default=None,
+        metavar="RATE[/s],BURST",
+        help="job service calls per client certificate CN: a token bucket of BURST tokens "
+        "refilled at RATE per second, e.g. 20/s,40; over it, RESOURCE_EXHAUSTED (health "
+        "checks and reflection are never limited) (default: no limit)",
+    )
+    parser.add_argument(
         "--cgroups",
         choices=["auto", "require", "off"],
         default="auto",
@@ -291,6 +335,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse CreateJob (RESOURCE_EXHAUSTED) while the data disk has less free space "
         f"(default: {MIN_FREE_DISK_FRACTION * 100:g}%% of it, at least "
         f"{DEFAULT_MIN_FREE_DISK_BYTES // 2**20} MiB)",
+    )
+    parser.add_argument(
+        "--retain-finished",
+        type=_duration,
+        default=None,
+        metavar="DURATION",
+        help="delete finished jobs (record and output) this long after they ended: 7d, 12h, "
+        "30m, 90s or seconds; never a running job (default: keep them)",
+    )
+    parser.add_argument(
+        "--retain-finished-count",
+        type=_non_negative_int,
+        default=None,
+        metavar="N",
+        help="keep at most the newest N finished jobs, deleting the oldest (by id) beyond "
+        "them; running jobs are not counted (default: no limit)",
+    )
+    parser.add_argument(
+        "--retention-interval",
+        type=_positive_float,
+        default=RETENTION_INTERVAL_S,
+        metavar="SECONDS",
+        help="how often --retain-finished and --retain-finished-count are applied (and once "
+        "at start) (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-output-bytes",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="keep at most N bytes of each job's output: the job runs on, the rest is "
+        "discarded, the log ends with a marker line and the reason says so (default: no cap)",
     )
     parser.add_argument(
         "--max-concurrent-streams",
@@ -380,6 +456,11 @@ def config_from_args(args: argparse.Namespace) -> cfg.ServerConfig:
         pids_max=args.pids_max,
         max_connections=args.max_connections,
         min_free_disk=args.min_free_disk,
+        retention=RetentionPolicy(
+            max_age=args.retain_finished, max_count=args.retain_finished_count
+        ),
+        retention_interval=args.retention_interval,
+        max_output_bytes=args.max_output_bytes,
         limits=cfg.ConnectionLimits(
             max_concurrent_streams=args.max_concurrent_streams,
             max_message_bytes=args.max_message_bytes,
@@ -391,6 +472,10 @@ def config_from_args(args: argparse.Namespace) -> cfg.ServerConfig:
             ),
         ),
         metrics_listen=args.metrics_listen,
+        max_running_jobs=args.max_running_jobs,
+        max_running_jobs_per_client=args.max_running_jobs_per_client,
+        role_limits=args.role_limits,
+        rate_limit=args.rate_limit,
     )
 
 

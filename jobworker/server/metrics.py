@@ -260,11 +260,6 @@ class ObservedManager:
         self._metrics.job_start.observe(trio.current_time() - started)
         return record
 
-    async def delete(self, job_id: str) -> JobRecord:
-        record = await self._manager.delete(job_id)
-        self._metrics.job_deleted(record)
-        return record
-
     @asynccontextmanager
     async def _follow(self, *args: Any, **kwargs: Any) -> AsyncIterator[OutputReader]:
         async with self._manager.follow(*args, **kwargs) as reader:

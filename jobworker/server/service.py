@@ -140,7 +140,10 @@ class JobService:
             timeout_seconds=request.timeoutSeconds,
             env=dict(request.env),
             working_dir=request.workingDir,
+            request_id=request.requestId,
+            role=context.role,
         )
+        # A requestId this caller sent recently returns that job, as it is now (the engine's).
         record = await self._manager.create(spec)
         return pb.CreateJobRes(**job_fields(record, self._usage(record)))
 
@@ -163,18 +166,23 @@ class JobService:
         """Remove an ended job, its output and its files; its streams end first (see
         JobManager.delete). The id is never used again."""
         record = await self._manager.delete(request.id)
-        self._finished_entries.pop(record.id, None)
         return pb.DeleteJobRes(id=record.id)
 
+    def job_deleted(self, record: JobRecord) -> None:
+        """A job was deleted (by DeleteJob, or by retention: the server has the manager call
+        this): its listing entry goes with it."""
+        self._finished_entries.pop(record.id, None)
+
     def _usage(self, record: JobRecord, *, from_cgroup: bool = True) -> pb.JobUsage:
-        """What the job used: its final usage once ended; while it runs, its output as long
-        as it is now and (``from_cgroup``) its CPU and memory read from its cgroup now.
+        """What the job used: its final usage once ended; while it runs, the output it
+        has written so far and (``from_cgroup``) its CPU and memory read from its cgroup now.
         Listings leave the cgroup out: listing hundreds of running jobs would read a few
         files per job on the event loop, and GetJob of one job reads them."""
         if record.status.is_terminal:
-            return job_usage(record.usage, record.output_bytes)
+            return job_usage(record.usage, record.written_bytes)
         live = self._manager.usage(record.id) if from_cgroup else None
-        return job_usage(live or record.usage, self._manager.output_size(record.id))
+        # What the job wrote (an output cap keeps less of it), as the snapshot says.
+        return job_usage(live or record.usage, record.written_bytes)
 
     async def get_jobs(self, request: pb.EmptyRequest, context: CallContext) -> pb.Jobs:
         """Every job in one message, or RESOURCE_EXHAUSTED if they do not fit one."""

@@ -298,3 +298,24 @@ def test_an_unreadable_server_certificate_would_not_start(
     assert result.returncode == 2, result.stdout
     why = "Is a directory" if broken == "a directory" else "No such file or directory"
     assert failures(result) == [f"FAIL certificates: cannot read {cert}: {why}"]
+
+
+def test_the_quotas_are_listed_among_what_would_be_enforced(
+    test_pki: TestPKI, tmp_path: Path
+) -> None:
+    result = check(
+        test_pki.dir,
+        tmp_path / "data",
+        "--max-running-jobs", "8",
+        "--max-running-jobs-per-client", "2",
+        "--role-limits", "admin:cpu=400,memory=8192",
+        "--rate-limit", "20/s,40",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout
+    assert (
+        "max-running-jobs 8, max-running-jobs-per-client 2, "
+        "role-limits admin:cpu=400,memory=8192, rate-limit 20/s,40 per client, "
+    ) in would_enforce(result)
+    plain = check(test_pki.dir, tmp_path / "data")
+    assert "max-running-jobs" not in would_enforce(plain)
+    assert "rate-limit" not in would_enforce(plain)

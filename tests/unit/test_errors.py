@@ -37,6 +37,36 @@ from jobworker.server.errors import INTERNAL_MESSAGE, status_for
             StatusCode.PERMISSION_DENIED,
             "role viewer is not allowed to perform operation stop_job",
         ),
+        (
+            errors.TooManyRunningJobs(4, 4),
+            StatusCode.RESOURCE_EXHAUSTED,
+            "too many running jobs: 4 (limit 4)",
+        ),
+        (
+            errors.TooManyRunningJobs(2, 2, "alice"),
+            StatusCode.RESOURCE_EXHAUSTED,
+            "too many running jobs for alice: 2 (limit 2)",
+        ),
+        (
+            errors.TooManyRunningJobs(1, 1, "x" * 300),
+            StatusCode.RESOURCE_EXHAUSTED,
+            f"too many running jobs for {'x' * 200}... (300 characters): 1 (limit 1)",
+        ),
+        (
+            errors.AboveRoleLimit("maxMemory", 16384, 8192, "MB", "viewer", default=False),
+            StatusCode.INVALID_ARGUMENT,
+            "maxMemory 16384 MB is above the limit for role viewer: 8192 MB",
+        ),
+        (
+            errors.AboveRoleLimit("maxCPU", 100, 50, "%", "admin", default=True),
+            StatusCode.INVALID_ARGUMENT,
+            "maxCPU 100% (the default) is above the limit for role admin: 50%",
+        ),
+        (
+            errors.RateLimited(250),
+            StatusCode.RESOURCE_EXHAUSTED,
+            "rate limit exceeded: retry after 250 ms",
+        ),
         (RpcError(StatusCode.ABORTED, "try again"), StatusCode.ABORTED, "try again"),
         (RpcError("UNAVAILABLE", "later"), StatusCode.UNAVAILABLE, "later"),
     ],

@@ -115,7 +115,13 @@ def test_every_flag_is_settable_by_file_and_environment(tmp_path: Path) -> None:
     defaults = _resolve([]).args
     changed: dict[str, str] = {}
     # Text settings with a grammar of their own: a valid value other than the default.
-    samples = {"isolation": "pid,net", "job-user": "nobody", "job-uid-range": "3000000-3000099"}
+    samples = {
+        "isolation": "pid,net",
+        "job-user": "nobody",
+        "job-uid-range": "3000000-3000099",
+        "role-limits": "admin:cpu=200,timeout=60;viewer:memory=64",
+        "rate-limit": "2.5/s,7",
+    }
     for setting in settings_of(parser):
         value = getattr(defaults, setting.dest)
         if setting.key in samples:
@@ -153,6 +159,13 @@ def test_print_config_is_toml_that_reads_back_to_the_same_settings(tmp_path: Pat
         "job-user",
         "default-job-timeout",
         "max-job-timeout",
+        "max-running-jobs",
+        "max-running-jobs-per-client",
+        "role-limits",
+        "rate-limit",
+        "retain-finished",
+        "retain-finished-count",
+        "max-output-bytes",
     }
     assert set(data) == {s.key for s in resolved.settings} - unset
     assert re.search(r"^# metrics-listen is not set  # default$", text, re.M)
@@ -209,3 +222,54 @@ def test_job_timeouts_are_whole_seconds_and_the_default_within_the_maximum(
     with pytest.raises(ConfigError) as caught:
         config_from_args(above)
     assert str(caught.value) == "default-job-timeout (61 s) is above max-job-timeout (60 s)"
+
+
+def test_role_limits_read_back_and_reach_the_config(tmp_path: Path) -> None:
+    text = "admin: cpu=400, memory=8192 ;viewer:timeout=600,iobps=1000"
+    config = tmp_path / "server.toml"
+    config.write_text(f'role-limits = "{text}"\n')
+    built = config_from_args(_resolve(["--config", str(config)]).args)
+    assert built.role_limits is not None
+    by_role = built.role_limits.by_role()
+    assert (by_role["admin"].cpu_percent, by_role["admin"].memory_mb) == (400, 8192)
+    assert (by_role["admin"].io_bps, by_role["admin"].timeout_s) == (None, None)
+    assert (by_role["viewer"].timeout_s, by_role["viewer"].io_bps) == (600, 1000)
+    assert str(built.role_limits) == "admin:cpu=400,memory=8192;viewer:iobps=1000,timeout=600"
+    flag = _resolve(["--role-limits", str(built.role_limits)]).args.role_limits
+    assert flag == built.role_limits
+    assert config_from_args(_resolve([]).args).role_limits is None
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("admin", "expected ROLE:KEY=N[,KEY=N...] (e.g. admin:cpu=400,memory=8192), got 'admin'"),
+        ("admn:cpu=1", "unknown role 'admn' (roles: admin, viewer)"),
+        ("admin:cpu=1;admin:memory=2", "role 'admin' is given twice"),
+        ("admin:disk=1", "admin: unknown limit 'disk' (limits: cpu, memory, iobps, timeout)"),
+        ("admin:cpu=1,cpu=2", "admin: cpu is given twice"),
+        ("admin:cpu=0", "admin: cpu: must be >= 1: '0'"),
+        ("admin:memory=lots", "admin: memory: not an integer: 'lots'"),
+        ("admin:timeout=9999999999", "admin: timeout: must be <= 2147483647"),
+        ("admin:", "admin: no limit given"),
+        (";", "no role limits in ';'"),
+    ],
+)
+def test_a_bad_role_limit_is_one_error_naming_it(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        _resolve([], {"JOB_WORKER_ROLE_LIMITS": text})
+    assert str(caught.value).startswith(f"environment JOB_WORKER_ROLE_LIMITS: {message}")
+
+
+def test_quota_settings_reach_the_config() -> None:
+    env = {"JOB_WORKER_MAX_RUNNING_JOBS": "8", "JOB_WORKER_RATE_LIMIT": "20/s,40"}
+    built = config_from_args(_resolve(["--max-running-jobs-per-client", "2"], env).args)
+    assert (built.max_running_jobs, built.max_running_jobs_per_client) == (8, 2)
+    assert built.rate_limit is not None
+    assert (built.rate_limit.rate, built.rate_limit.burst) == (20.0, 40)
+    unset = config_from_args(_resolve([]).args)
+    assert (unset.max_running_jobs, unset.max_running_jobs_per_client, unset.rate_limit) == (
+        None,
+        None,
+        None,
+    )
