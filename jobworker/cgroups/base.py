@@ -38,6 +38,10 @@ class Usage:
     cpu_time_s: float | None = None
     peak_memory_bytes: int | None = None
     oom_kills: int = 0
+    # Block IO that went through the job's cgroup (direct IO and reads; on v1 the page
+    # cache's writeback is not charged to the job): None where not measured.
+    io_read_bytes: int | None = None
+    io_write_bytes: int | None = None
 
 
 class JobCgroup(Protocol):

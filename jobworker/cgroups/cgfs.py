@@ -71,6 +71,33 @@ def parse_keyed(text: str) -> dict[str, int]:
     return values
 
 
+def parse_io_v1(text: str) -> tuple[int, int] | None:
+    """Bytes read and written, over every device, from v1's
+    ``blkio.throttle.io_service_bytes`` (``MAJ:MIN Read N`` lines); None if it has none."""
+    totals = {"Read": 0, "Write": 0}
+    seen = False
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[1] in totals and parts[2].isdigit():
+            totals[parts[1]] += int(parts[2])
+            seen = True
+    return (totals["Read"], totals["Write"]) if seen else None
+
+
+def parse_io_v2(text: str) -> tuple[int, int] | None:
+    """Bytes read and written, over every device, from v2's ``io.stat`` (``MAJ:MIN
+    rbytes=N wbytes=N ...`` lines); None if the file has no line."""
+    totals = {"rbytes": 0, "wbytes": 0}
+    seen = False
+    for line in text.splitlines():
+        for item in line.split()[1:]:
+            key, _, value = item.partition("=")
+            if key in totals and value.isdigit():
+                totals[key] += int(value)
+                seen = True
+    return (totals["rbytes"], totals["wbytes"]) if seen else None
+
+
 def read_keyed(path: Path) -> dict[str, int]:
     """parse_keyed() of the file; {} if it is gone."""
     return parse_keyed(read_text(path) or "")

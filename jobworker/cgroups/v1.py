@@ -122,14 +122,20 @@ class V1JobCgroup:
             await wait_until(lambda: self.oom_kills() > 0, OOM_CONFIRM_S)
 
     def usage(self) -> Usage:
-        """CPU seconds (cpuacct.usage), peak memory (memory.max_usage_in_bytes), OOM kills."""
+        """CPU seconds (cpuacct.usage), peak memory (memory.max_usage_in_bytes), OOM kills,
+        block IO (blkio.throttle.io_service_bytes)."""
         cpuacct, memory = self._dirs.get("cpuacct"), self._dirs.get("memory")
         cpu_ns = cgfs.read_int(cpuacct / "cpuacct.usage") if cpuacct else None
         peak = cgfs.read_int(memory / "memory.max_usage_in_bytes") if memory else None
+        blkio = self._dirs.get("blkio")
+        io_text = cgfs.read_text(blkio / "blkio.throttle.io_service_bytes") if blkio else None
+        io = cgfs.parse_io_v1(io_text) if io_text is not None else None
         return Usage(
             cpu_time_s=None if cpu_ns is None else cpu_ns / 1e9,
             peak_memory_bytes=peak,
             oom_kills=self.oom_kills(),
+            io_read_bytes=None if io is None else io[0],
+            io_write_bytes=None if io is None else io[1],
         )
 
     # -- ending ------------------------------------------------------------------------

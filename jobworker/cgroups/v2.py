@@ -84,10 +84,14 @@ class V2JobCgroup:
             self.directory / "cpu.stat"
         )  # core file: present without controllers
         peak = cgfs.read_int(self.directory / "memory.peak")  # kernel >= 5.19
+        io_text = cgfs.read_text(self.directory / "io.stat")  # with the io controller
+        io = cgfs.parse_io_v2(io_text) if io_text is not None else None
         return Usage(
             cpu_time_s=stat["usage_usec"] / 1e6 if "usage_usec" in stat else None,
             peak_memory_bytes=peak,
             oom_kills=self.oom_kills(),
+            io_read_bytes=None if io is None else io[0],
+            io_write_bytes=None if io is None else io[1],
         )
 
     async def kill(self, grace: float) -> bool:

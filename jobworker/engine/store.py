@@ -96,6 +96,8 @@ def record_to_json(record: JobRecord) -> dict[str, Any]:
             "cpu_time_s": record.usage.cpu_time_s,
             "peak_memory_bytes": record.usage.peak_memory_bytes,
             "oom_kills": record.usage.oom_kills,
+            "io_read_bytes": record.usage.io_read_bytes,
+            "io_write_bytes": record.usage.io_write_bytes,
         },
         "output_bytes": record.output_bytes,
         "written_bytes": record.written_bytes,
@@ -173,6 +175,8 @@ def record_from_json(data: dict[str, Any]) -> JobRecord:
     usage = data.get("usage") or {}
     cpu_time = usage.get("cpu_time_s")
     peak = usage.get("peak_memory_bytes")
+    io_read = usage.get("io_read_bytes")  # absent from records of before IO was measured
+    io_write = usage.get("io_write_bytes")
     exit_code = data.get("exit_code")
     end_time = data.get("end_time")
     output_bytes = _int(data.get("output_bytes", 0))
@@ -196,6 +200,8 @@ def record_from_json(data: dict[str, Any]) -> JobRecord:
             cpu_time_s=None if cpu_time is None else float(cpu_time),
             peak_memory_bytes=None if peak is None else _int(peak),
             oom_kills=_int(usage.get("oom_kills", 0)),
+            io_read_bytes=None if io_read is None else _int(io_read),
+            io_write_bytes=None if io_write is None else _int(io_write),
         ),
         output_bytes=output_bytes,
         # Records from before output caps: the job wrote what its log holds.

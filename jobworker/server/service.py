@@ -76,6 +76,8 @@ def job_usage(usage: Usage, output_bytes: int) -> pb.JobUsage:
         cpuSeconds=usage.cpu_time_s or 0.0,
         peakMemoryBytes=usage.peak_memory_bytes or 0,
         outputBytes=output_bytes,
+        ioReadBytes=usage.io_read_bytes or 0,
+        ioWriteBytes=usage.io_write_bytes or 0,
     )
 
 

@@ -7,6 +7,7 @@ directory, and the next job gets the next id.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,10 +18,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from jobworker.api import worker_pb2, worker_pb2_grpc
+from jobworker.cli import main
 from tests.support import JOB_PYTHON, job_request, wait_job_ended
 
 if TYPE_CHECKING:
     from tests.integration.conftest import ServerFactory, ServerProc
+    from tests.support import TestPKI
 
 TIMEOUT = 15.0
 RETRY_AFTER = "jobworker-retry-after-ms"
@@ -259,3 +262,31 @@ def test_without_a_rate_limit_nothing_is_limited(
     with server_factory() as server:
         admin = stubs_for(server, channels)("admin-client")
         assert [_get_jobs(admin) for _ in range(50)] == [None] * 50
+
+
+def test_the_cli_reports_each_quota_as_one_error_line(
+    server_factory: ServerFactory, test_pki: TestPKI, capfdbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    # A burst of four, then one call per 100 s: the test's calls never see a refill.
+    with server_factory("--max-running-jobs", "1", "--rate-limit", "0.01/s,4") as srv:
+        connection = [
+            "--server", srv.address,
+            "--cert", str(test_pki.cert("admin-client")),
+            "--key", str(test_pki.key("admin-client")),
+            "--ca", str(test_pki.ca_cert),
+        ]  # fmt: skip
+        capfdbinary.readouterr()
+        assert main([*connection, "create", "sleep", "100"]) == 0
+        assert main([*connection, "create", "sleep", "100"]) == 1
+        refused = capfdbinary.readouterr().err.decode()
+        assert refused.splitlines()[-1] == "Error: too many running jobs: 1 (limit 1)"
+        # Each list is one or more calls: within a few, the burst of four is spent.
+        codes: list[int] = []
+        while not codes or codes[-1] == 0:
+            assert len(codes) < 5, "the rate limit never refused a call"
+            capfdbinary.readouterr()
+            codes.append(main([*connection, "list"]))
+        assert codes[-1] == 1
+        limited = capfdbinary.readouterr().err.decode().splitlines()
+        assert len(limited) == 1
+        assert re.fullmatch(r"Error: rate limit exceeded: retry after \d+ ms", limited[0])
