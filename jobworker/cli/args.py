@@ -105,7 +105,8 @@ exit status:
 MAIN_EPILOG = f"""\
 --server, --cert, --key, --ca, --timeout and -o may also follow the command
 (jobworker list --server=HOST:PORT); for create, only before the job's command:
-everything after it is the job's.
+everything after it is the job's. After "create", --timeout is the job's time
+limit: give the call's timeout before "create".
 
 environment:
   {ENV_SERVER}     server address (overridden by --server)
@@ -140,9 +141,10 @@ dir of its own, so "./x" is refused. Each argument may be at most
 {MAX_ARG_STRLEN - 1} bytes (the kernel's MAX_ARG_STRLEN), and all of them together must fit in the
 kernel's ARG_MAX for one exec.
 
---time-limit stops the job after that long (SIGTERM, then SIGKILL) and records
-it FAILED, "timed out after N s" (0: the server's default, --default-job-timeout;
---timeout stays the call's). --env NAME=VALUE (repeatable) adds
+--timeout (or --time-limit) stops the job after that long (SIGTERM, then SIGKILL)
+and records it FAILED, "timed out after N s" (0: the server's default,
+--default-job-timeout); the call's own timeout goes before "create".
+--env NAME=VALUE (repeatable) adds
 a variable to the job's environment (PATH too: the command is then looked up
 in it). --workdir DIR runs the job in DIR, an absolute path on the server's
 host (default: a scratch dir of its own, also its HOME).
@@ -157,7 +159,7 @@ certificate returns the same job.
 
 examples:
   jobworker create echo "hello world"
-  jobworker create --time-limit 30s --env NAME=x --workdir /srv sh -c 'echo $NAME; pwd'
+  jobworker create --timeout 30s --env NAME=x --workdir /srv sh -c 'echo $NAME; pwd'
   jobworker create --max-cpu=50 python3 script.py
   jobworker create --max-cpu=50 --max-memory=512 python3 script.py
   jobworker create bash -c "sleep 10 && echo done"
@@ -264,7 +266,7 @@ def _line_count(text: str) -> int:
     return value
 
 
-# --time-limit of create: whole seconds, or with a unit (30s, 5m, 2h).
+# --timeout of create: whole seconds, or with a unit (30s, 5m, 2h).
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
 
 
@@ -343,9 +345,11 @@ def _add_connection_flags(
     *,
     timeout_default: object,
     default: object,
+    call_timeout: bool = True,
 ) -> None:
     """The global flags. Every subcommand takes them too (as kubectl does); there they
-    default to SUPPRESS, so that only a flag actually given overrides the global one."""
+    default to SUPPRESS, so that only a flag actually given overrides the global one.
+    Without ``call_timeout`` (create, whose --timeout is the job's) --timeout is left out."""
     parser.add_argument(
         "--server",
         type=_server_address,
@@ -367,6 +371,8 @@ def _add_connection_flags(
         default=default,
         help=f'CA certificate path (default "{DEFAULT_CERTS_DIR}/{CA_FILE}")',
     )
+    if not call_timeout:
+        return
     parser.add_argument(
         "--timeout",
         type=_positive_seconds,
@@ -400,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
             global_flags,
             timeout_default=argparse.SUPPRESS,
             default=argparse.SUPPRESS,
+            call_timeout=name != "create",
         )
         return sub
 
@@ -417,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"{what} (server default {default})",
         )
     create.add_argument(
+        "--timeout",
         "--time-limit",
         dest="job_timeout",
         type=_job_timeout,

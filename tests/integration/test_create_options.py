@@ -319,7 +319,7 @@ def test_cli_create_flags_and_get(
             "--timeout=9",
             *connection,
             "create",
-            "--time-limit", "2m",
+            "--timeout", "2m",
             "--env", "GREETING=hello world",
             "--env=ODD=a=b",
             "--workdir", str(where),

@@ -91,7 +91,7 @@ def test_create_takes_a_time_limit_env_and_working_dir_before_the_command() -> N
     result = parsed(
         "--timeout=2",
         "create",
-        "--time-limit",
+        "--timeout",
         "5m",
         "--env",
         "A=1",
@@ -108,12 +108,12 @@ def test_create_takes_a_time_limit_env_and_working_dir_before_the_command() -> N
     assert result.timeout_seconds == 300
     assert result.env == (("A", "1"), ("B", "x=y"), ("EMPTY", ""))
     assert result.working_dir == "/srv"
-    assert result.connection.timeout == 2.0  # the call's
+    assert result.connection.timeout == 2.0  # the call's, given before "create"
     assert result.args == ("--timeout=9", "--env", "C=3")  # after the command: the job's
     assert (parsed("create", "--time-limit=30s", "true").timeout_seconds) == 30
     assert (parsed("create", "--time-limit=2h", "true").timeout_seconds) == 7200
-    after = parsed("create", "--timeout=4", "true")  # after create too: the call's
-    assert (after.connection.timeout, after.timeout_seconds) == (4.0, 0)
+    spelled = parsed("create", "--time-limit=4", "true")  # the other spelling
+    assert (spelled.connection.timeout, spelled.timeout_seconds) == (DEFAULT_TIMEOUT_S, 4)
     plain = parsed("create", "true")
     assert (plain.timeout_seconds, plain.env, plain.working_dir) == (0, (), "")
     assert plain.connection.timeout == DEFAULT_TIMEOUT_S
@@ -122,9 +122,9 @@ def test_create_takes_a_time_limit_env_and_working_dir_before_the_command() -> N
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--time-limit=soon"], "not a whole number of seconds"),
-        (["--time-limit=-1"], "must be between 0 and 2147483647 seconds"),
-        ([f"--time-limit={2**31}"], "must be between 0 and 2147483647 seconds"),
+        (["--timeout=soon"], "not a whole number of seconds"),
+        (["--timeout=-1"], "must be between 0 and 2147483647 seconds"),
+        ([f"--timeout={2**31}"], "must be between 0 and 2147483647 seconds"),
         (["--env=NOVALUE"], "expected NAME=VALUE, got 'NOVALUE'"),
         (["--env==x"], "expected NAME=VALUE, got '=x'"),
     ],
@@ -302,7 +302,8 @@ def test_bad_connection_settings_are_usage_errors(argv: list[str], env: dict[str
             "--key=k",
             "--ca=a",
         ],
-        ["create", "--server=x:1", "--timeout=3", "--cert=c", "--key=k", "--ca=a", "true"],
+        # After "create", --timeout is the job's: the call's goes before it.
+        ["--timeout=3", "create", "--server=x:1", "--cert=c", "--key=k", "--ca=a", "true"],
     ],
 )
 def test_global_flags_go_before_or_after_the_command(argv: list[str]) -> None:
