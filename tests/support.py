@@ -6,10 +6,12 @@ import contextlib
 import errno
 import os
 import shlex
+import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -262,3 +264,64 @@ def wait_job_ended(stub: Any, job_id: str, deadline_s: float = 30.0) -> Any:
             return job
         assert time.monotonic() < deadline, f"job {job_id} still {job.status}"
         time.sleep(0.02)  # polling the job's status, with a deadline
+
+
+class CutFirstProxy:
+    """A TCP proxy to ``target``. The first connection is cut, both ways, at the first bytes
+    the server sends once ``cut_when()`` holds (they are not passed on); later connections
+    pass everything."""
+
+    def __init__(self, target: tuple[str, int], cut_when: Callable[[], bool]) -> None:
+        self._target = target
+        self._cut_when = cut_when
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.1)  # how often the accept loop looks at _closing
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self.accepted = 0
+        self.cut = threading.Event()
+        self._closing = threading.Event()
+        self._sockets: list[socket.socket] = []
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def _accept(self) -> None:
+        while not self._closing.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            first = self.accepted == 0
+            self.accepted += 1
+            upstream = socket.create_connection(self._target)
+            self._sockets += [client, upstream]
+            for args in ((client, upstream, False), (upstream, client, first)):
+                thread = threading.Thread(target=self._pump, args=args, daemon=True)
+                self._threads.append(thread)
+                thread.start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, cut: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if cut and self._cut_when():
+                    self.cut.set()
+                    for sock in (source, sink):
+                        sock.shutdown(socket.SHUT_RDWR)
+                    return
+                sink.sendall(data)
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            for sock in (source, sink):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._closing.set()
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        for thread in self._threads:
+            thread.join(10.0)
+        for sock in [*self._sockets, self._listener]:
+            sock.close()

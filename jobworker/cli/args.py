@@ -83,6 +83,7 @@ class Command:
     follow: bool = True
     offset: int = 0  # stream: the byte to start at (negative: from the end)
     tail: int | None = None  # stream: start at the last N lines instead
+    retry: bool = True  # stream: reconnect and resume when the connection drops
     statuses: tuple[str, ...] = ()  # list: only jobs in one of these statuses (): all)
     owner: str = ""  # list: only jobs created by this certificate CN ("": anyone's)
     limit: int | None = None  # list: stop after this many jobs
@@ -519,6 +520,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="start at the last N lines of the output",
     )
+    stream.add_argument(
+        "--no-retry",
+        dest="retry",
+        action="store_false",
+        help="fail when the connection drops, instead of reconnecting and resuming"
+        " (up to 3 times, with backoff) at the byte reached",
+    )
     stream.add_argument("job_id", metavar="<job-id>")
     return parser
 
@@ -646,6 +654,7 @@ def parse(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Comm
         follow=getattr(ns, "follow", True),
         offset=getattr(ns, "offset", 0),
         tail=getattr(ns, "tail", None),
+        retry=getattr(ns, "retry", True),
         statuses=tuple(name for group in getattr(ns, "statuses", ()) for name in group),
         owner=getattr(ns, "owner", ""),
         limit=getattr(ns, "limit", None),

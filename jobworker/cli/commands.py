@@ -12,6 +12,7 @@ from jobworker.cli import render
 from jobworker.cli.args import EXIT_OK, EXIT_SERVER_ERROR, Command, Connection
 from jobworker.client import (
     ConnectError,
+    ConnectionLost,
     JobClient,
     RpcError,
     ServerShuttingDown,
@@ -39,9 +40,9 @@ async def run(command: Command, stdout: BinaryIO, stderr: TextIO) -> int:
         stdout.write(text.encode())
         stdout.flush()
         return EXIT_OK
+    if command.name == "stream":
+        return await stream_resuming(command, stdout, stderr)
     async with _connect(command.connection) as client:
-        if command.name == "stream":
-            return await stream(client, command, stdout, stderr)
         if command.name == "get":
             job = await client.get(command.job_id)
             text = render.as_json(job) if json else render.job_details(job)
@@ -139,7 +140,53 @@ class OutputWriter:
         self._stdout.flush()
 
 
-async def stream(client: JobClient, command: Command, stdout: BinaryIO, stderr: TextIO) -> int:
+# A stream whose connection drops reconnects and resumes at the byte it reached (no gap, no
+# duplicate: the server starts exactly there), this many times, waiting longer each time.
+STREAM_RETRY_PAUSES_S = (0.5, 1.0, 2.0)
+
+
+async def stream_resuming(command: Command, stdout: BinaryIO, stderr: TextIO) -> int:
+    """``stream``, again from where it was on a new connection when the connection drops
+    (ConnectionLost, or no connection to be had for a retry), with a notice on stderr, up to
+    len(STREAM_RETRY_PAUSES_S) times; ``--no-retry`` fails at once. A graceful shutdown of
+    the server (ServerShuttingDown) is not retried: it is reported, as before."""
+    progress = StreamProgress()
+    pauses = list(STREAM_RETRY_PAUSES_S) if command.retry else []
+    while True:
+        try:
+            async with _connect(command.connection) as client:
+                return await stream(client, command, stdout, stderr, progress)
+        except ServerShuttingDown:
+            raise
+        except (ConnectionLost, ConnectError):
+            if not pauses or not progress.opened:
+                raise  # the stream never opened, or out of retries: report it
+            pause = pauses.pop(0)
+            at = f" at byte {progress.offset if progress.offset is not None else progress.start}"
+            stderr.write(f"Connection lost{at}: reconnecting in {pause:g} s\n")
+            stderr.flush()
+            await trio.sleep(pause)
+
+
+class StreamProgress:
+    """Where a stream is, across reconnections: where it started (None until the first
+    checks are done), the byte after the last one written (None before any), and whether a
+    stream was ever opened."""
+
+    def __init__(self) -> None:
+        self.start: int | None = None
+        self.offset: int | None = None
+        self.opened = False
+        self.readable = True
+
+
+async def stream(
+    client: JobClient,
+    command: Command,
+    stdout: BinaryIO,
+    stderr: TextIO,
+    progress: StreamProgress | None = None,
+) -> int:
     """Copy the job's output to stdout (see OutputWriter), flushed per chunk.
 
     GetJob first (so an unknown id is one error line, without a banner), then the stream
@@ -149,17 +196,26 @@ async def stream(client: JobClient, command: Command, stdout: BinaryIO, stderr: 
     stderr if it did not complete.
     """
     job_id = command.job_id
+    progress = progress or StreamProgress()
     writer = OutputWriter(stdout, json_lines=command.output == "json")
-    readable = await _may_get(client, job_id)
-    offset = command.offset
-    if command.tail is not None:
-        offset = await tail_start(client, job_id, command.tail)
-    if command.follow and readable:
-        stderr.write(f"Streaming logs for job {render.escape(job_id)} (Press Ctrl+C to exit):\n")
-        stderr.flush()
+    if progress.start is None:  # the first connection: checks, start, banner
+        progress.readable = await _may_get(client, job_id)
+        start = command.offset
+        if command.tail is not None:
+            start = await tail_start(client, job_id, command.tail)
+        if command.follow and progress.readable:
+            stderr.write(
+                f"Streaming logs for job {render.escape(job_id)} (Press Ctrl+C to exit):\n"
+            )
+            stderr.flush()
+        progress.start = start
+    offset = progress.offset if progress.offset is not None else progress.start
+    readable = progress.readable
     async with client.stream(job_id, follow=command.follow, offset=offset) as output:
+        progress.opened = True
         async for chunk in output:
             writer.write(output.offset - len(chunk), chunk)
+            progress.offset = output.offset
     status, exit_code = output.status, output.exit_code
     if status is None or exit_code is None:
         if not readable:

@@ -10,9 +10,7 @@ import contextlib
 import datetime as dt
 import json
 import re
-import socket
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +29,7 @@ from jobworker.errors import (
     RpcError,
     ServerShuttingDown,
 )
-from tests.support import grpc_credentials, job_request, wait_job_ended
+from tests.support import CutFirstProxy, grpc_credentials, job_request, wait_job_ended
 
 if TYPE_CHECKING:
     from tests.conftest import TestPKI
@@ -247,67 +245,6 @@ def test_the_cli_sends_a_fresh_key_per_create_or_the_one_given(
     assert created_id(capfdbinary.readouterr().out) == mine
     assert stored_key(server.data_dir, mine) == "nightly-1"
     assert len(job_dirs(server.data_dir)) == 3
-
-
-class CutFirstProxy:
-    """A TCP proxy to ``target``. The first connection is cut, both ways, at the first bytes
-    the server sends once ``cut_when()`` holds (they are not passed on); later connections
-    pass everything."""
-
-    def __init__(self, target: tuple[str, int], cut_when: Callable[[], bool]) -> None:
-        self._target = target
-        self._cut_when = cut_when
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.1)  # how often the accept loop looks at _closing
-        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
-        self.accepted = 0
-        self.cut = threading.Event()
-        self._closing = threading.Event()
-        self._sockets: list[socket.socket] = []
-        self._threads = [threading.Thread(target=self._accept, daemon=True)]
-        self._threads[0].start()
-
-    def _accept(self) -> None:
-        while not self._closing.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            first = self.accepted == 0
-            self.accepted += 1
-            upstream = socket.create_connection(self._target)
-            self._sockets += [client, upstream]
-            for args in ((client, upstream, False), (upstream, client, first)):
-                thread = threading.Thread(target=self._pump, args=args, daemon=True)
-                self._threads.append(thread)
-                thread.start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket, cut: bool) -> None:
-        try:
-            while data := source.recv(65536):
-                if cut and self._cut_when():
-                    self.cut.set()
-                    for sock in (source, sink):
-                        sock.shutdown(socket.SHUT_RDWR)
-                    return
-                sink.sendall(data)
-            sink.shutdown(socket.SHUT_WR)
-        except OSError:
-            for sock in (source, sink):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self._closing.set()
-        for sock in self._sockets:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-        for thread in self._threads:
-            thread.join(TIMEOUT)
-        for sock in [*self._sockets, self._listener]:
-            sock.close()
 
 
 def test_the_cli_sends_the_create_again_when_the_connection_drops(
