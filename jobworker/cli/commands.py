@@ -152,15 +152,22 @@ async def stream_resuming(command: Command, stdout: BinaryIO, stderr: TextIO) ->
     the server (ServerShuttingDown) is not retried: it is reported, as before."""
     progress = StreamProgress()
     pauses = list(STREAM_RETRY_PAUSES_S) if command.retry else []
+    lost: ConnectionLost | None = None
     while True:
         try:
             async with _connect(command.connection) as client:
                 return await stream(client, command, stdout, stderr, progress)
         except ServerShuttingDown:
             raise
-        except (ConnectionLost, ConnectError):
-            if not pauses or not progress.opened:
-                raise  # the stream never opened, or out of retries: report it
+        except (ConnectionLost, ConnectError) as exc:
+            if not progress.opened:
+                raise  # the stream never opened: nothing to resume
+            if isinstance(exc, ConnectionLost):
+                lost = exc
+            if not pauses:
+                # Out of retries: what went wrong is the lost connection, whether or not the
+                # last reconnection was refused.
+                raise (lost or exc) from None
             pause = pauses.pop(0)
             at = f" at byte {progress.offset if progress.offset is not None else progress.start}"
             stderr.write(f"Connection lost{at}: reconnecting in {pause:g} s\n")

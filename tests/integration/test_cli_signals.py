@@ -24,6 +24,7 @@ import grpc
 import pytest
 
 from jobworker.api import worker_pb2, worker_pb2_grpc
+from jobworker.cli.commands import STREAM_RETRY_PAUSES_S
 from tests.support import grpc_credentials
 
 if TYPE_CHECKING:
@@ -150,9 +151,13 @@ def test_ctrl_c_while_connecting_exits_130_without_traceback(test_pki: TestPKI) 
     assert "Error" not in stderr
 
 
+@pytest.mark.parametrize("retry", [False, True])
 def test_server_killed_mid_stream_ends_the_cli_with_connection_lost(
-    test_pki: TestPKI, server_factory: ServerFactory
+    test_pki: TestPKI, server_factory: ServerFactory, retry: bool
 ) -> None:
+    """Without --no-retry the CLI tries to resume three times first (0.5 + 1 + 2 s of
+    pauses, each reconnection refused at once), with a notice each time."""
+    flags = [] if retry else ["--no-retry"]
     with server_factory("--cgroups", "off", expect_exit=None) as server:
         channel, stub = stub_for(test_pki, server.address)
         with channel:
@@ -162,7 +167,8 @@ def test_server_killed_mid_stream_ends_the_cli_with_connection_lost(
         started = rf"job {job.id} started: pid (\d+)"
         job_pid = int(re.findall(started, server.wait_for_log(started))[0])
         try:
-            with cli_process(cli_command(test_pki, server.address, "stream", job.id)) as proc:
+            argv = cli_command(test_pki, server.address, "stream", *flags, job.id)
+            with cli_process(argv) as proc:
                 assert proc.stdout is not None
                 assert proc.stderr is not None
                 read_until(proc.stdout, b"started\n")
@@ -171,8 +177,11 @@ def test_server_killed_mid_stream_ends_the_cli_with_connection_lost(
                 code, elapsed = wait_exit(proc, WAIT_S)
                 stderr = proc.stderr.read().decode()
             assert code == 3
-            assert elapsed < CONNECTION_LOST_EXIT_S
+            retry_pauses = sum(STREAM_RETRY_PAUSES_S) if retry else 0.0
+            assert elapsed < CONNECTION_LOST_EXIT_S + retry_pauses
             assert stderr.endswith("Error: connection lost\n")
+            notices = [line for line in stderr.splitlines() if "reconnecting" in line]
+            assert len(notices) == (len(STREAM_RETRY_PAUSES_S) if retry else 0)
             assert "Traceback" not in stderr
         finally:  # the job runs in its own session; nobody is left to stop it
             with contextlib.suppress(ProcessLookupError):
