@@ -80,8 +80,16 @@ async def test_the_record_keeper_outlives_eio_and_saves_once_the_disk_is_back(
         await wait_until(lambda: calls["lstat"] >= FAILING_TICKS)
         failing.clear()  # the disk is back
         path = data_dir / "jobs" / "1" / "job.json"
-        await wait_until(lambda: record_from_json(json.loads(path.read_bytes())).status.is_terminal)
-        assert store.unsaved == []
+        # The retry writes the file in a thread, forgets the record as unsaved, checks the
+        # reserve (another thread) and only then says the disk is usable again: wait for all
+        # of it (each step can lag the one before by a thread hop).
+        await wait_until(
+            lambda: (
+                not store.unsaved
+                and record_from_json(json.loads(path.read_bytes())).status.is_terminal
+                and any("usable again" in r.getMessage() for r in caplog.records)
+            )
+        )
         assert manager.get("1").status is JobStatus.COMPLETED
     disk = [r for r in caplog.records if r.name == "jobworker.engine" and "data disk" in r.message]
     failures = [r.getMessage() for r in disk if r.levelno == logging.WARNING]
