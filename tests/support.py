@@ -325,3 +325,13 @@ class CutFirstProxy:
             thread.join(10.0)
         for sock in [*self._sockets, self._listener]:
             sock.close()
+
+
+def cli_flags(test_pki: TestPKI, address: str, stem: str = "admin-client") -> list[str]:
+    """The CLI's connection flags for ``address`` as the ``stem`` certificate's holder."""
+    return [
+        "--server", address,
+        "--cert", str(test_pki.cert(stem)),
+        "--key", str(test_pki.key(stem)),
+        "--ca", str(test_pki.ca_cert),
+    ]  # fmt: skip

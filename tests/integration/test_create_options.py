@@ -26,6 +26,7 @@ from jobworker.cli import main
 from tests.support import (
     IN_CI,
     JOB_PYTHON,
+    cli_flags,
     grpc_credentials,
     server_command,
     skip_unless,
@@ -306,12 +307,7 @@ def test_cli_create_flags_and_get(
     host_dir: Callable[..., Path],
     capfdbinary: pytest.CaptureFixture[bytes],
 ) -> None:
-    connection = [
-        "--server", module_server.address,
-        "--cert", str(test_pki.cert("admin-client")),
-        "--key", str(test_pki.key("admin-client")),
-        "--ca", str(test_pki.ca_cert),
-    ]  # fmt: skip
+    connection = cli_flags(test_pki, module_server.address)
     where = host_dir()
     capfdbinary.readouterr()
     code = main(
@@ -357,10 +353,7 @@ def test_cli_create_refusal_is_one_error_line(
     capfdbinary.readouterr()
     code = main(
         [
-            "--server", module_server.address,
-            "--cert", str(test_pki.cert("admin-client")),
-            "--key", str(test_pki.key("admin-client")),
-            "--ca", str(test_pki.ca_cert),
+            *cli_flags(test_pki, module_server.address),
             "create", "--workdir", "/nonexistent/dir", "true",
         ]
     )  # fmt: skip

@@ -19,7 +19,7 @@ from jobworker.cli import main
 from jobworker.engine.manager import DELETE_STREAM_PATIENCE_S, STREAM_CANCEL_WAIT_S
 from tests.integration.test_server_limits import RawH2
 from tests.integration.test_server_metrics import metrics_address, scrape, value
-from tests.support import grpc_credentials
+from tests.support import cli_flags, grpc_credentials
 
 if TYPE_CHECKING:
     from tests.conftest import TestPKI
@@ -258,17 +258,7 @@ def test_deleting_the_highest_id_then_restarting_never_reuses_it(
 
 
 def cli(test_pki: TestPKI, server: ServerProc, stem: str, *argv: str) -> list[str]:
-    return [
-        "--server",
-        server.address,
-        "--cert",
-        str(test_pki.cert(stem)),
-        "--key",
-        str(test_pki.key(stem)),
-        "--ca",
-        str(test_pki.ca_cert),
-        *argv,
-    ]
+    return [*cli_flags(test_pki, server.address, stem), *argv]
 
 
 def test_the_cli_deletes_and_reports_errors_as_other_commands(

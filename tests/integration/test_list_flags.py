@@ -27,7 +27,7 @@ from tests.integration.test_client_transport import (
     client_for,
     fake_server,
 )
-from tests.support import grpc_credentials, wait_job_ended
+from tests.support import cli_flags, grpc_credentials, wait_job_ended
 
 if TYPE_CHECKING:
     from tests.conftest import TestPKI
@@ -126,8 +126,7 @@ def cli_list(
     capfd.readouterr()
     code = main(
         [
-            *("--server", server.address, "--cert", str(test_pki.cert("viewer-client"))),
-            *("--key", str(test_pki.key("viewer-client")), "--ca", str(test_pki.ca_cert)),
+            *cli_flags(test_pki, server.address, "viewer-client"),
             *("--timeout", "30", "list", *flags),
         ]
     )

@@ -11,7 +11,7 @@ import grpc
 
 from jobworker.api import worker_pb2, worker_pb2_grpc
 from jobworker.cli import main
-from tests.support import JOB_PYTHON, grpc_credentials, job_request, wait_job_ended
+from tests.support import JOB_PYTHON, cli_flags, grpc_credentials, job_request, wait_job_ended
 
 if TYPE_CHECKING:
     import pytest
@@ -65,8 +65,7 @@ def test_output_past_the_cap_is_discarded_and_the_job_runs_to_its_end(
         capfdbinary.readouterr()
         code = main(
             [
-                *("--server", again.address, "--cert", str(test_pki.cert("admin-client"))),
-                *("--key", str(test_pki.key("admin-client")), "--ca", str(test_pki.ca_cert)),
+                *cli_flags(test_pki, again.address),
                 *("get", job.id),
             ]
         )

@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from jobworker.api import worker_pb2, worker_pb2_grpc
 from jobworker.cli import main
-from tests.support import JOB_PYTHON, job_request, wait_job_ended
+from tests.support import JOB_PYTHON, cli_flags, job_request, wait_job_ended
 
 if TYPE_CHECKING:
     from tests.integration.conftest import ServerFactory, ServerProc
@@ -269,12 +269,7 @@ def test_the_cli_reports_each_quota_as_one_error_line(
 ) -> None:
     # A burst of four, then one call per 100 s: the test's calls never see a refill.
     with server_factory("--max-running-jobs", "1", "--rate-limit", "0.01/s,4") as srv:
-        connection = [
-            "--server", srv.address,
-            "--cert", str(test_pki.cert("admin-client")),
-            "--key", str(test_pki.key("admin-client")),
-            "--ca", str(test_pki.ca_cert),
-        ]  # fmt: skip
+        connection = cli_flags(test_pki, srv.address)
         capfdbinary.readouterr()
         assert main([*connection, "create", "sleep", "100"]) == 0
         assert main([*connection, "create", "sleep", "100"]) == 1

@@ -29,7 +29,7 @@ from jobworker.errors import (
     RpcError,
     ServerShuttingDown,
 )
-from tests.support import CutFirstProxy, grpc_credentials, job_request, wait_job_ended
+from tests.support import CutFirstProxy, cli_flags, grpc_credentials, job_request, wait_job_ended
 
 if TYPE_CHECKING:
     from tests.conftest import TestPKI
@@ -209,16 +209,7 @@ def test_keys_survive_a_restart_for_24_hours(
 
 
 def cli_args(test_pki: TestPKI, address: str) -> list[str]:
-    return [
-        "--server",
-        address,
-        "--cert",
-        str(test_pki.cert("admin-client")),
-        "--key",
-        str(test_pki.key("admin-client")),
-        "--ca",
-        str(test_pki.ca_cert),
-    ]
+    return cli_flags(test_pki, address)
 
 
 def created_id(out: bytes) -> str:

@@ -20,7 +20,7 @@ import pytest
 from jobworker.api import worker_pb2, worker_pb2_grpc
 from jobworker.cli import main
 from jobworker.client import JobClient, RpcError, open_client
-from tests.support import JOB_PYTHON, grpc_credentials, job_request
+from tests.support import JOB_PYTHON, cli_flags, grpc_credentials, job_request
 
 if TYPE_CHECKING:
     from tests.conftest import TestPKI
@@ -369,19 +369,7 @@ def cli(
 ) -> CLI:
     def run(*argv: str) -> tuple[int, bytes, str]:
         capfdbinary.readouterr()
-        code = main(
-            [
-                "--server",
-                module_server.address,
-                "--cert",
-                str(test_pki.cert("viewer-client")),
-                "--key",
-                str(test_pki.key("viewer-client")),
-                "--ca",
-                str(test_pki.ca_cert),
-                *argv,
-            ]
-        )
+        code = main([*cli_flags(test_pki, module_server.address, "viewer-client"), *argv])
         out, err = capfdbinary.readouterr()
         return code, out, err.decode()
 

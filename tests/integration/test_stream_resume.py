@@ -12,7 +12,7 @@ import pytest
 
 from jobworker.api import worker_pb2_grpc
 from jobworker.cli import main
-from tests.support import JOB_PYTHON, CutFirstProxy, grpc_credentials, job_request
+from tests.support import JOB_PYTHON, CutFirstProxy, cli_flags, grpc_credentials, job_request
 from tests.support import wait_job_ended as ended
 
 if TYPE_CHECKING:
@@ -31,12 +31,7 @@ SIZE = 128 * 2048 * 32
 
 
 def cli_args(test_pki: TestPKI, address: str) -> list[str]:
-    return [
-        "--server", address,
-        "--cert", str(test_pki.cert("admin-client")),
-        "--key", str(test_pki.key("admin-client")),
-        "--ca", str(test_pki.ca_cert),
-    ]  # fmt: skip
+    return cli_flags(test_pki, address)
 
 
 def finished_writer(test_pki: TestPKI, server: ServerProc) -> str:
