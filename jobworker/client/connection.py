@@ -41,7 +41,7 @@ from purerpc.grpclib.events import (
     ResponseReceived,
     WindowUpdated,
 )
-from purerpc.grpclib.exceptions import StreamClosedError
+from purerpc.grpclib.exceptions import MessageTooLargeError, StreamClosedError
 from purerpc.grpclib.status import Status, StatusCode
 
 from jobworker.client.address import ServerAddress
@@ -206,6 +206,13 @@ class Call:
                 self._request_ended = True
         except (StreamClosedError, h2.exceptions.StreamClosedError):
             return  # reset by the server meanwhile: receive_message() reports why
+        except MessageTooLargeError:
+            # The server's words for the same refusal, before a byte of it is sent.
+            raise RpcError(
+                "RESOURCE_EXHAUSTED",
+                f"request message too large: {len(payload)} bytes"
+                f" (limit {LIMITS.max_message_bytes})",
+            ) from None
         finally:
             connection.flush()
 

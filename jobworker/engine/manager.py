@@ -475,6 +475,8 @@ class JobManager:
         finished.sort(key=lambda record: int(record.id))
         deleted: list[str] = []
         for record in self._retention.due(finished, utc_now()):
+            if self._closing:
+                break  # shutting down: the records just written STOPPED stay for the next start
             try:
                 await self._delete(record.id)
             except (JobNotFound, JobIsRunning):

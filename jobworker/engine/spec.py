@@ -197,7 +197,10 @@ def _check_env(env: Mapping[str, str]) -> int:
             raise InvalidJobSpec(f"env variable {echo(name)} must be valid text")
         total += len(os.fsencode(name)) + len(os.fsencode(value))
     if total > MAX_ENV_BYTES:
-        raise InvalidJobSpec(f"env must total at most 64 KiB (names and values), got {total} bytes")
+        raise InvalidJobSpec(
+            f"env must total at most {MAX_ENV_BYTES // 1024} KiB (names and values),"
+            f" got {total} bytes"
+        )
     return total
 
 

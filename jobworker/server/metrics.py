@@ -8,7 +8,7 @@ servers run side by side in one process do not mix), filled two ways.
   output bytes, per-running-job CPU and memory from the cgroups, open connections and
   failed handshakes. Nothing is kept twice; counters derived from state stay monotonic
   because output logs only grow and what a deleted job counted for is kept as a tally
-  (``ObservedManager.delete``).
+  (``_StateCollector.forget``, told of every deletion).
 
 Counters count since this server started, as Prometheus expects (``rate()`` handles the
 reset at a restart). Jobs loaded from the data dir are not "created" or "ended" by this

@@ -48,7 +48,6 @@ from purerpc.grpclib.config import GRPCConfiguration
 from purerpc.grpclib.events import (
     Event,
     MessageReceived,
-    RequestEnded,
     RequestReceived,
     WindowUpdated,
 )
@@ -208,9 +207,7 @@ class ServerGRPCConnection(WireConnection):
         self._set_h2_connection_local_settings()
 
     def _set_h2_connection_local_settings(self) -> None:
-        limits = getattr(self, "limits", None)
-        if limits is not None:  # purerpc's constructor calls this before ours has run
-            apply_limits(self.h2_connection, limits, client_side=False)
+        apply_limits(self.h2_connection, self.limits, client_side=False)  # set before super()
 
     def initiate_connection(self) -> None:
         initiate(self.h2_connection, self.limits)
@@ -276,7 +273,6 @@ class ServerStream:
         self.reset_by_peer = False
         self.closing = False  # set when the server cancels it for shutdown / idle close
         self.response_started = False
-        self.remotely_closed = False  # the client ended its requests (END_STREAM)
         self.locally_closed = False  # our trailers are queued
         # Bounded by flow control: only MessageReceived carries data, and its window is
         # given back only when the handler takes it.
@@ -524,8 +520,6 @@ class ServerSocket:
         if isinstance(event, StreamResetByPeer):
             target.cancel(reset_by_peer=True)
             return
-        if isinstance(event, RequestEnded):
-            target.remotely_closed = True
         target.feed(event)
 
     def forget(self, stream: ServerStream) -> None:

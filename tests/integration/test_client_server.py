@@ -153,3 +153,14 @@ async def test_rejected_certificate_fails_fast_against_the_real_server(
         "PERMISSION_DENIED",
         "role none is not allowed to perform operation list_jobs",
     )
+
+
+async def test_a_request_over_the_message_limit_is_refused_by_the_client_as_an_rpc_error(
+    test_pki: TestPKI, plain_server: ServerProc
+) -> None:
+    async with connect(test_pki, plain_server) as client:
+        with pytest.raises(RpcError) as caught:
+            await client.create("echo", ["x" * (5 << 20)])
+        assert caught.value.code_name == "RESOURCE_EXHAUSTED"
+        assert caught.value.message.startswith("request message too large: ")
+        assert await client.list() == []  # nothing reached the server

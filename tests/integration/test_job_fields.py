@@ -111,7 +111,7 @@ def test_the_reason_of_a_shutdown_and_of_a_crash(
             shut = stub.GetJob(worker_pb2.GetJobReq(id="1"), timeout=TIMEOUT)
             create(stub, "sleep", "100")
         second.process.kill()  # a crash: the end of job 2 is never seen
-        second.process.wait()
+        second.process.wait(TIMEOUT)
     with server_factory("--data-dir", str(first.data_dir)) as third:
         channel, stub = stub_of(third)
         with channel:
@@ -161,6 +161,7 @@ def spec_client_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             f"--python_out={out}", f"--grpc_python_out={out}", SPEC_PROTO.name,
         ],
         check=True,
+        timeout=60,
     )  # fmt: skip
     return out
 

@@ -180,7 +180,9 @@ def test_an_explicit_isolation_the_host_cannot_provide_would_not_start(
     unshare = shutil.which("unshare")
     skip_unless(unshare is not None, "util-linux unshare is not installed")
     assert unshare is not None
-    probe = subprocess.run([unshare, "--user", "true"], capture_output=True, check=False)
+    probe = subprocess.run(
+        [unshare, "--user", "true"], capture_output=True, check=False, timeout=60
+    )
     skip_unless(probe.returncode == 0, f"cannot make a user namespace: {probe.stderr!r}")
     wrapper = [unshare, "--user"]
     refused = check(
@@ -235,12 +237,14 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     disk = tmp_path / "disk"
     disk.mkdir()
     subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(disk)], check=True
+        ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(disk)],
+        check=True,
+        timeout=60,
     )
     try:
         yield disk
     finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
+        subprocess.run(["umount", "-l", str(disk)], check=False, timeout=60)
 
 
 def test_free_space_is_judged_against_the_min_free_disk_floor(

@@ -83,6 +83,7 @@ async def test_create_job_is_refused_once_health_is_not_serving(
                         )
                         if response.status == NOT_SERVING:
                             break
+                        await trio.sleep(0.02)  # polling the status, within the deadline
                 # The connection is still up (no GOAWAY before the watcher is told, or
                 # 1 s): the job service answers, but starts nothing.
                 with pytest.raises(grpc.RpcError) as refused:

@@ -102,13 +102,14 @@ def test_dev_bootstraps_pip_from_the_index_where_ensurepip_is_missing(tmp_path: 
     venv = checkout / ".venv"
     assert os.access(venv / "bin" / "nox", os.X_OK)
     version = subprocess.run(
-        [str(venv / "bin" / "nox"), "--version"], capture_output=True, text=True, check=False
-    )
+        [str(venv / "bin" / "nox"), "--version"],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
     assert version.returncode == 0, version.stderr
     assert re.fullmatch(r"\d{4}\.\d+\.\d+\S*", (version.stdout + version.stderr).strip())
     pip = subprocess.run(
         [str(venv / "bin" / "python"), "-m", "pip", "--version"],
-        capture_output=True, text=True, check=False,
+        capture_output=True, text=True, check=False, timeout=60,
     )  # fmt: skip
     assert pip.returncode == 0, pip.stderr
     assert str(venv) in pip.stdout  # pip lives in .venv itself

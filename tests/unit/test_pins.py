@@ -27,7 +27,7 @@ def dev_extra() -> list[str]:
 
 def tracked_text_files() -> list[Path]:
     names = subprocess.run(
-        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True
+        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True, timeout=60
     ).stdout.split(b"\0")
     return [ROOT / name.decode() for name in names if name]
 
